@@ -1,0 +1,42 @@
+# llamaherd: the commands a person (and CI) runs. See README.md.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL ?= models/demo.gguf
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-deps binaries model run test test-unit lint bench bench-quick clean
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: ## create .venv and install llamaherd (builds llama-cpp-python once, cached)
+	bash hack/setup.sh
+
+system-deps: ## install the Debian packages the tests use (prometheus)
+	bash hack/system-deps.sh
+
+model: setup ## generate the demo GGUF model (random weights, llama architecture)
+	@test -f $(MODEL) || $(PY) -m llamaherd_server.ggufgen --preset demo --out $(MODEL)
+
+run: model ## run the server on the demo model at http://127.0.0.1:$(PORT)
+	$(PY) -m llamaherd_server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
+
+test: setup system-deps binaries ## set up everything and run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup ## only the tests that need neither a cluster nor Prometheus
+	$(PY) -m pytest -m "not cluster and not prometheus" $(PYTEST_ARGS)
+
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy server/llamaherd_server operator/llamaherd_operator
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Control-plane and tool binaries (kube-apiserver, etcd, helm, kind, ...): see hack/cluster.mk.
+-include hack/cluster.mk
+-include bench/bench.mk

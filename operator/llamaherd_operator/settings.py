@@ -1,0 +1,88 @@
+"""Operator settings: one pydantic-settings model, environment variables ``LLAMAHERD_OPERATOR_*``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llamaherd_operator.builders import BuildOptions
+
+ENV_PREFIX = "LLAMAHERD_OPERATOR_"
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    namespaces: str = Field(
+        default="",
+        description="Comma-separated namespaces to watch (LLAMAHERD_OPERATOR_NAMESPACES=a,b); "
+        "empty watches the whole cluster.",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    liveness_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint.")
+    liveness_port: int = Field(
+        default=8080, ge=0, le=65535, description="Port of the liveness endpoint (0 disables it)."
+    )
+    resync_seconds: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description="How often every InferenceService is reconciled again even when nothing "
+        "changed (repairs drift, notices a PersistentVolumeClaim that appeared).",
+    )
+    retry_delay_seconds: float = Field(
+        default=5.0, gt=0, le=600, description="Delay before retrying a failed reconcile."
+    )
+    request_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=600, description="Timeout of one Kubernetes API request."
+    )
+    watch_server_timeout_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=3600,
+        description="Server-side timeout of a watch request: watches are renewed this often.",
+    )
+    worker_limit: int = Field(
+        default=50, ge=1, le=1000, description="Most InferenceServices handled at the same time."
+    )
+    model_download_retries: int = Field(
+        default=5, ge=0, le=100, description="Retries of the init container's model download."
+    )
+    model_download_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Network timeout of one blocking read in the model download.",
+    )
+    pre_stop_sleep_seconds: int = Field(
+        default=5,
+        ge=0,
+        le=120,
+        description="Server pods sleep this long before SIGTERM, so endpoints drop them first.",
+    )
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [item.strip() for item in self.namespaces.split(",") if item.strip()]
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespace_list
+
+    @property
+    def liveness_endpoint(self) -> str | None:
+        if not self.liveness_port:
+            return None
+        return f"http://{self.liveness_host}:{self.liveness_port}/healthz"
+
+    def build_options(self) -> BuildOptions:
+        return BuildOptions(
+            download_retries=self.model_download_retries,
+            download_timeout_seconds=self.model_download_timeout_seconds,
+            pre_stop_sleep_seconds=self.pre_stop_sleep_seconds,
+        )

@@ -1,0 +1,624 @@
+"""Continuous batching on llama.cpp.
+
+One llama.cpp context holds a unified KV cache with ``slots`` sequences of ``context_size``
+tokens each. One scheduler thread owns it; nothing else touches the context. Each iteration:
+
+1. drop sequences whose client went away or whose deadline passed (their KV is freed at once);
+2. admit waiting requests into free slots, best rank first (see :mod:`llamaherd_server.queue`);
+3. build ONE ``llama_batch``: the pending token of every decoding sequence, then prefill chunks
+   of admitted prompts until the per-step token budget is spent (chunked prefill keeps the
+   inter-token latency of running sequences flat while long prompts arrive);
+4. ``llama_decode`` (a ctypes call: it releases the GIL, so the HTTP side keeps running);
+5. sample each sequence that produced logits with its own sampler chain, stream its text out,
+   and finish it (``llama_memory_seq_rm``, slot freed) on EOS, a stop string, ``max_tokens``
+   or a full context.
+
+The engine knows nothing of HTTP. It reports to each request through a callback that the
+caller makes thread-safe (the API hands tokens to its event loop with ``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .metrics import ServerMetrics
+from .queue import PriorityQueue, QueueFull
+
+log = logging.getLogger("llamaherd.engine")
+
+__all__ = [
+    "Engine",
+    "EngineDraining",
+    "EngineNotReady",
+    "Failed",
+    "Finished",
+    "GenerationRequest",
+    "QueueFull",
+    "SamplingParams",
+    "TextChunk",
+]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 100
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repeat_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass
+class TextChunk:
+    """New text of one sequence; ``n_tokens`` tokens were generated since the last chunk."""
+
+    text: str
+    n_tokens: int
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_s: float
+    latency_s: float
+    time_to_first_token_s: float | None
+
+
+@dataclass
+class Failed:
+    outcome: str  # "timeout", "cancelled" or "error"
+    message: str
+    completion_tokens: int = 0
+
+
+Event = TextChunk | Finished | Failed
+
+
+class EngineNotReady(Exception):
+    """The model is still loading."""
+
+
+class EngineDraining(Exception):
+    """The server is shutting down and admits no new requests."""
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_tokens: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    priority: int = 0
+    timeout_s: float = 300.0
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    admitted_at: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.arrival + self.timeout_s
+
+
+class _Sequence:
+    """A request holding a slot: engine-thread state only."""
+
+    __slots__ = (
+        "decoder", "emitted", "generated", "last_token_at", "next_token", "pos", "prompt_i",
+        "req", "sampler", "slot", "text", "ttft",
+    )
+
+    def __init__(self, req: GenerationRequest, slot: int, sampler: Any) -> None:
+        self.req = req
+        self.slot = slot
+        self.sampler = sampler
+        self.pos = 0  # tokens in this sequence's KV
+        self.prompt_i = 0  # next prompt token to prefill
+        self.next_token: int | None = None  # sampled, not yet decoded
+        self.generated = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0  # chars of self.text handed out
+        self.last_token_at = 0.0
+        self.ttft: float | None = None
+
+
+def safe_emit_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be streamed without giving away the start of a stop string."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return len(text) - hold
+
+
+class Engine:
+    """Owns the llama.cpp model and context and the scheduler thread."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        metrics: ServerMetrics,
+        *,
+        slots: int = 8,
+        context_size: int = 2048,
+        token_budget: int = 512,
+        max_wait_ms: float = 5.0,
+        threads: int = 2,
+        gpu_layers: int = 0,
+        queue_limit: int = 256,
+        aging_seconds: float = 10.0,
+        seed: int = -1,
+    ) -> None:
+        self.model_path = model_path
+        self.metrics = metrics
+        self.slots = slots
+        self.context_size = context_size
+        # Every decoding sequence needs one token of the budget in each step.
+        self.token_budget = max(token_budget, slots)
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.threads = threads
+        self.gpu_layers = gpu_layers
+        self.default_seed = seed
+        self.queue: PriorityQueue[GenerationRequest] = PriorityQueue(
+            queue_limit, aging_seconds, on_change=metrics.set_waiting
+        )
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        self.chat_template: str | None = None
+        self.bos_text = ""
+        self.eos_text = ""
+        self.n_vocab = 0
+        self._wake = threading.Condition()
+        self._stop = False
+        self._abort: str | None = None
+        self._thread: threading.Thread | None = None
+        self._running: dict[int, _Sequence] = {}
+        self._free_slots = list(range(slots - 1, -1, -1))
+        self._lib: Any = None
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._mem: Any = None
+        self._batch: Any = None
+        self._avg_latency_s = 1.0
+        metrics.slots.set(slots)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model, make the context and start the scheduler thread (blocking)."""
+        try:
+            self._load()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model load failed: %s", self.load_error)
+            raise
+        self._thread = threading.Thread(target=self._loop, name="llamaherd-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    def _load(self) -> None:
+        import llama_cpp as lib
+
+        # llama-cpp-python prints llama.cpp's own log lines through this logger's level.
+        logging.getLogger("llama-cpp-python").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        )
+        self._lib = lib
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 999
+        model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load the model {self.model_path}")
+        self._model = model
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = self.slots * self.context_size
+        cparams.n_batch = self.token_budget
+        cparams.n_ubatch = min(self.token_budget, 512)
+        cparams.n_seq_max = self.slots
+        cparams.kv_unified = True
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.no_perf = True
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self._ctx = ctx
+        self._vocab = lib.llama_model_get_vocab(model)
+        self._mem = lib.llama_get_memory(ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self._batch = lib.llama_batch_init(self.token_budget, 0, 1)
+        template = lib.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8") if template else None
+        self.bos_text = self.token_text(lib.llama_vocab_bos(self._vocab))
+        self.eos_text = self.token_text(lib.llama_vocab_eos(self._vocab))
+        log.info(
+            "model loaded: %s, %d slots x %d tokens, token budget %d, %d threads",
+            self.model_path.name, self.slots, self.context_size, self.token_budget, self.threads,
+        )
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        lib = self._lib
+        if lib is None:
+            return
+        for seq in list(self._running.values()):
+            lib.llama_sampler_free(seq.sampler)
+        self._running.clear()
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lib.llama_model_free(self._model)
+            self._model = None
+        self.ready = False
+
+    def start_drain(self) -> None:
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    def abort_all(self, message: str) -> None:
+        """Fail every queued and running request (end of a drain). Any thread."""
+        self._abort = message
+        with self._wake:
+            self._wake.notify()
+
+    def busy(self) -> bool:
+        return bool(self._running) or len(self.queue) > 0
+
+    @property
+    def active_count(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def retry_after_seconds(self) -> int:
+        """A guess at when the queue will have room: one queue's worth of latency per slot."""
+        return max(1, math.ceil(len(self.queue) * self._avg_latency_s / self.slots))
+
+    # ---- tokens ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        """Tokens of ``text``. Safe from any thread: it reads only the vocabulary."""
+        if self._vocab is None:
+            raise EngineNotReady("model is loading")
+        lib = self._lib
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (lib.llama_token * n_max)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
+                               parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (lib.llama_token * n_max)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
+                                   parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ---- requests (any thread) -------------------------------------------------------
+
+    def submit(self, req: GenerationRequest) -> None:
+        """Queue a request. Raises EngineNotReady, EngineDraining or QueueFull."""
+        if not self.ready:
+            raise EngineNotReady("model is loading" if self.load_error is None
+                                 else f"model failed to load: {self.load_error}")
+        if self.draining:
+            raise EngineDraining("server is draining")
+        self.queue.put(req)
+        with self._wake:
+            self._wake.notify()
+
+    def cancel(self, req: GenerationRequest) -> None:
+        """The client went away: leave the queue now, or free the slot next iteration."""
+        req.cancelled = True
+        if self.queue.remove(req):
+            self._finish_failed(req, "cancelled", "client disconnected", 0)
+        with self._wake:
+            self._wake.notify()
+
+    # ---- scheduler thread ------------------------------------------------------------
+
+    def _loop(self) -> None:
+        last_expiry_scan = 0.0
+        while True:
+            with self._wake:
+                while not self._stop and not self._running and len(self.queue) == 0:
+                    self._wake.wait(timeout=0.5)
+                    self._expire_queued(time.monotonic())
+                if self._stop:
+                    return
+            if self._abort is not None:
+                self._fail_everything(self._abort)
+                continue
+            now = time.monotonic()
+            if now - last_expiry_scan > 0.1:
+                self._expire_queued(now)
+                last_expiry_scan = now
+            self._drop_cancelled_and_expired(now)
+            if not self._running and self.max_wait_s > 0:
+                self._gather_first_batch()
+            self._admit()
+            if not self._running:
+                continue
+            try:
+                self._step()
+            except Exception:
+                log.exception("engine step failed; failing the running sequences")
+                for seq in list(self._running.values()):
+                    self._release(seq)
+                    self._finish_failed(seq.req, "error", "internal engine error",
+                                        seq.generated)
+
+    def _fail_everything(self, message: str) -> None:
+        for seq in list(self._running.values()):
+            self._release(seq)
+            self._finish_failed(seq.req, "error", message, seq.generated)
+        while (req := self.queue.pop()) is not None:
+            self._finish_failed(req, "error", message, 0)
+
+    def _gather_first_batch(self) -> None:
+        """An idle engine waits up to max_wait_ms after the first arrival, so that a burst
+        of requests starts in one batch instead of one prefill after another."""
+        oldest = min((r.arrival for r in self.queue.items()), default=None)
+        if oldest is None:
+            return
+        until = oldest + self.max_wait_s
+        with self._wake:
+            while not self._stop and len(self.queue) < self.slots:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(timeout=left)
+
+    def _expire_queued(self, now: float) -> None:
+        for req in self.queue.items():
+            if req.deadline <= now and self.queue.remove(req):
+                self._finish_failed(
+                    req, "timeout",
+                    f"request timed out after {req.timeout_s:g}s waiting in the queue", 0,
+                )
+
+    def _drop_cancelled_and_expired(self, now: float) -> None:
+        for seq in list(self._running.values()):
+            req = seq.req
+            if req.cancelled:
+                self._release(seq)
+                self._finish_failed(req, "cancelled", "client disconnected", seq.generated)
+            elif req.deadline <= now:
+                self._release(seq)
+                self._finish_failed(
+                    req, "timeout",
+                    f"request timed out after {req.timeout_s:g}s "
+                    f"({seq.generated} tokens generated)",
+                    seq.generated,
+                )
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._free_slots:
+            req = self.queue.pop()
+            if req is None:
+                return
+            if req.cancelled:
+                self._finish_failed(req, "cancelled", "client disconnected", 0)
+                continue
+            slot = self._free_slots.pop()
+            req.admitted_at = now
+            self.metrics.queue_wait.observe(now - req.arrival)
+            seq = _Sequence(req, slot, self._make_sampler(req.params))
+            self._running[slot] = seq
+        self.metrics.requests_running.set(len(self._running))
+
+    def _make_sampler(self, p: SamplingParams) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if p.has_penalties:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                self.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+        if p.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
+        seed = p.seed
+        if seed is None:
+            seed = self.default_seed if self.default_seed >= 0 else random.getrandbits(32)
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _step(self) -> None:
+        lib = self._lib
+        batch = self._batch
+        budget = self.token_budget
+        n = 0
+        outputs: list[tuple[int, _Sequence]] = []  # (batch index, sequence)
+        prefill_tokens = 0
+
+        def add(token: int, pos: int, slot: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot
+            batch.logits[n] = logits
+            n += 1
+
+        for seq in self._running.values():
+            if seq.next_token is not None:
+                outputs.append((n, seq))
+                add(seq.next_token, seq.pos, seq.slot, True)
+                seq.pos += 1
+                seq.next_token = None
+        sequences = len(outputs)
+        for seq in self._running.values():
+            prompt = seq.req.prompt_tokens
+            if seq.prompt_i >= len(prompt) or n >= budget:
+                continue
+            sequences += 1
+            end = min(len(prompt), seq.prompt_i + budget - n)
+            if seq.req.params.has_penalties and seq.prompt_i == 0:
+                for token in prompt:
+                    lib.llama_sampler_accept(seq.sampler, token)
+            for i in range(seq.prompt_i, end):
+                last = i == len(prompt) - 1
+                if last:
+                    outputs.append((n, seq))
+                add(prompt[i], seq.pos, seq.slot, last)
+                seq.pos += 1
+            prefill_tokens += end - seq.prompt_i
+            seq.prompt_i = end
+        if n == 0:
+            return
+        batch.n_tokens = n
+        started = time.perf_counter()
+        rc = lib.llama_decode(self._ctx, batch)
+        self.metrics.decode_step.observe(time.perf_counter() - started)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.metrics.batch_size.observe(sequences)
+        self.metrics.batch_tokens.observe(n)
+        if prefill_tokens:
+            self.metrics.prompt_tokens.inc(prefill_tokens)
+        now = time.monotonic()
+        for index, seq in outputs:
+            token = lib.llama_sampler_sample(seq.sampler, self._ctx, index)
+            self._accept_token(seq, token, now)
+        self.metrics.generated_tokens.inc(len(outputs))
+        used = sum(seq.pos for seq in self._running.values())
+        self.metrics.kv_cache_usage.set(used / (self.slots * self.context_size))
+
+    def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
+        req = seq.req
+        p = req.params
+        if seq.ttft is None:
+            seq.ttft = now - req.arrival
+            self.metrics.time_to_first_token.observe(seq.ttft)
+        else:
+            self.metrics.inter_token_latency.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if not p.ignore_eos and self._lib.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        seq.text += seq.decoder.decode(self.token_bytes(token))
+        if p.stop:
+            # A stop string can only newly appear in the tail that this token touched.
+            longest = max(len(s) for s in p.stop)
+            start = max(0, len(seq.text) - len(self.token_bytes(token)) - longest)
+            hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                self._flush(seq, len(seq.text))
+                self._finish(seq, "stop")
+                return
+            self._flush(seq, safe_emit_length(seq.text, p.stop))
+        else:
+            self._flush(seq, len(seq.text))
+        if seq.generated >= p.max_tokens or seq.pos + 1 >= self.context_size:
+            self._finish(seq, "length")
+            return
+        seq.next_token = token
+
+    def _flush(self, seq: _Sequence, upto: int) -> None:
+        # One chunk per token, even an empty one (text held back for a possible stop string
+        # or an unfinished UTF-8 character), so that streams can count tokens.
+        chunk = seq.text[seq.emitted : upto]
+        seq.emitted = max(seq.emitted, upto)
+        seq.req.emit(TextChunk(chunk, 1))
+
+    def _release(self, seq: _Sequence) -> None:
+        lib = self._lib
+        lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+        lib.llama_sampler_free(seq.sampler)
+        del self._running[seq.slot]
+        self._free_slots.append(seq.slot)
+        self.metrics.requests_running.set(len(self._running))
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        # Bytes of a character cut short by the end of generation come out as U+FFFD.
+        tail = seq.decoder.decode(b"", final=True)
+        if tail:
+            seq.text += tail
+            seq.req.emit(TextChunk(tail, 0))
+        self._release(seq)
+        req = seq.req
+        now = time.monotonic()
+        latency = now - req.arrival
+        self._avg_latency_s = 0.9 * self._avg_latency_s + 0.1 * latency
+        self.metrics.request_latency.observe(latency)
+        self.metrics.requests.labels(outcome="ok").inc()
+        req.emit(Finished(
+            finish_reason=reason,
+            prompt_tokens=len(req.prompt_tokens),
+            completion_tokens=seq.generated,
+            queue_wait_s=(req.admitted_at or now) - req.arrival,
+            latency_s=latency,
+            time_to_first_token_s=seq.ttft,
+        ))
+
+    def _finish_failed(self, req: GenerationRequest, outcome: str, message: str,
+                       generated: int) -> None:
+        self.metrics.requests.labels(outcome=outcome).inc()
+        req.emit(Failed(outcome, message, generated))

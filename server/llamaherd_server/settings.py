@@ -1,0 +1,120 @@
+"""Server settings: one model, read from ``LLAMAHERD_*`` environment variables and CLI flags.
+
+The CLI flag for a field is its name with dashes (``--context-size``); the environment variable
+is ``LLAMAHERD_`` plus the name in upper case (``LLAMAHERD_CONTEXT_SIZE``). The operator sets
+exactly these variables from an InferenceService's ``spec.server`` (camelCase of the same names).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LLAMAHERD_"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    model: Path = Field(description="Path to the GGUF model file.")
+    model_name: str | None = Field(
+        default=None,
+        description="Model id served by /v1/models and accepted in requests "
+        "(default: the file name without .gguf).",
+    )
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+    slots: int = Field(
+        default=8, ge=1, le=256, description="Sequences decoded together (llama.cpp n_seq_max)."
+    )
+    context_size: int = Field(
+        default=2048,
+        ge=64,
+        le=1_048_576,
+        description="Context per slot in tokens (prompt + generated); the KV cache holds "
+        "slots x context_size tokens.",
+    )
+    token_budget: int = Field(
+        default=512,
+        ge=16,
+        le=65_536,
+        description="Most tokens in one decode step: one per running sequence plus prefill "
+        "chunks of newly admitted prompts (chunked prefill).",
+    )
+    max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=10_000,
+        description="How long an idle engine waits after the first arrival to gather a first "
+        "batch before it starts decoding.",
+    )
+    threads: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        le=1024,
+        description="CPU threads for llama.cpp (decode and batch).",
+    )
+    gpu_layers: int = Field(
+        default=0,
+        ge=-1,
+        description="Layers offloaded to the GPU (n_gpu_layers; -1 = all). Needs a CUDA build.",
+    )
+    queue_limit: int = Field(
+        default=256, ge=0, description="Most requests waiting; more get 429 with Retry-After."
+    )
+    priority_aging_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A waiting request gains one priority level per this many seconds waited, "
+        "so low priority cannot starve.",
+    )
+    request_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Deadline for a request from arrival to its last token.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long running requests may take to finish before exit.",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, inference endpoints require 'Authorization: Bearer <key>'.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template; overrides the one in the GGUF metadata.",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body accepted, in bytes."
+    )
+    seed: int = Field(
+        default=-1, description="Default sampling seed when a request gives none (-1 = random)."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"model file not found: {value}")
+        return value
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        name = self.model.name
+        return name[: -len(".gguf")] if name.endswith(".gguf") else name

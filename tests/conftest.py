@@ -1,0 +1,132 @@
+"""Shared fixtures: generated GGUF models and real server processes on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd")) / "models"
+
+
+def generated_model(preset: str) -> Path:
+    """A model from the project's own generator, made once per preset and generator version."""
+    from llamaherd_server import ggufgen
+
+    shape = ggufgen.PRESETS[preset]
+    digest = hashlib.sha256(repr(shape).encode() + Path(ggufgen.__file__).read_bytes())
+    key = digest.hexdigest()[:12]
+    path = MODEL_CACHE / f"{preset}-{key}.gguf"
+    if not path.exists():
+        ggufgen.write_model(path, shape)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """n_embd 256, 4 layers: thousands of tokens per second."""
+    return generated_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Path:
+    """About 30M parameters: slow enough that one request can outlast another."""
+    return generated_model("small")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(model: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
+    """``python -m llamaherd_server`` as a real process on a free loopback port."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "llamaherd_server", "--model", str(model),
+           "--host", "127.0.0.1", "--port", str(port), *args]
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    server = ServerProcess(proc, port, log_path)
+    if wait_ready:
+        wait_until_ready(server, timeout)
+    return server
+
+
+def wait_until_ready(server: ServerProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    """Start real servers; every one is stopped at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def start(model: Path, *args: str, **kwargs) -> ServerProcess:  # type: ignore[no-untyped-def]
+        server = start_server(model, tmp_path, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, message: str = ""):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
