@@ -71,7 +71,8 @@ def error_response(exc: APIError) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413 before they reach a route."""
+    """Refuse bodies over ``limit`` bytes with 413 before they reach a route, and read every
+    POST body as JSON whatever its Content-Type says (``curl -d`` sends a form type)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -87,6 +88,9 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await error_response(too_big)(scope, receive, send)
                 return
+        if scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         seen = 0
 
         async def limited_receive() -> Message:

@@ -455,7 +455,7 @@ class Engine:
         while self._free_slots:
             req = self.queue.pop()
             if req is None:
-                return
+                break
             if req.cancelled:
                 self._finish_failed(req, "cancelled", "client disconnected", 0)
                 continue

@@ -45,7 +45,7 @@ class ModelShape:
     n_head_kv: int = 4
     n_ff: int = 688
     vocab: int = 4096
-    context_length: int = 4096
+    context_length: int = 32768
     dtype: str = "f16"  # f16 or f32
 
     def n_params(self) -> int:
@@ -122,7 +122,9 @@ def build_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens + pieces, scores, [int(t) for t in types]
 
 
-def write_model(path: Path, shape: ModelShape, *, seed: int = 0, name: str = "llamaherd-random") -> Path:
+def write_model(path: Path, shape: ModelShape, *, seed: int = 0,
+                name: str = "llamaherd-random",
+                chat_template: str | None = CHATML_TEMPLATE) -> Path:
     """Write a llama-architecture GGUF with random weights to ``path``."""
     import gguf
 
@@ -161,7 +163,8 @@ def write_model(path: Path, shape: ModelShape, *, seed: int = 0, name: str = "ll
     writer.add_eos_token_id(EOS_ID)
     writer.add_unk_token_id(UNK_ID)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    if chat_template:
+        writer.add_chat_template(chat_template)
 
     def weight(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wdtype)

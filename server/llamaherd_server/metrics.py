@@ -11,8 +11,12 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+# The *_created series double every counter and histogram for no use here.
+disable_created_metrics()
 
 # Names without the _total/_bucket suffixes that Prometheus adds to counters and histograms.
 REQUESTS_WAITING = "llamaherd_requests_waiting"

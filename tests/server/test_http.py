@@ -1,0 +1,159 @@
+"""The HTTP API in-process (httpx.ASGITransport, the real engine behind it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llamaherd_server.api import create_app
+from llamaherd_server.settings import ServerSettings
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture
+async def make_client(tiny_model: Path) -> AsyncIterator[Any]:
+    stack: list[Any] = []
+
+    async def make(model: Path = tiny_model, **overrides: Any) -> httpx.AsyncClient:
+        settings = ServerSettings(model=model, threads=1, slots=4, context_size=256,
+                                  max_body_bytes=16_384, **overrides)
+        app = create_app(settings, load_in_background=False)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                   base_url="http://llamaherd.test", timeout=60)
+        stack.append((lifespan, client))
+        client.app = app  # type: ignore[attr-defined]
+        return client
+
+    yield make
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+GOOD = {"prompt": "hello world, tell me a story", "max_tokens": 12, "temperature": 0,
+        "ignore_eos": True}
+
+# (endpoint, body or raw bytes, expected status, the field the error must name)
+BAD_INPUTS: list[tuple[str, Any, int, str]] = [
+    ("/v1/generate", b'{"prompt": "hi", "max_tokens": ', 400, "body"),
+    ("/v1/generate", b"not json at all", 400, "body"),
+    ("/v1/generate", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
+    ("/v1/generate", {"prompt": "hi", "temperature": -0.1}, 400, "temperature"),
+    ("/v1/generate", {"prompt": "hi", "priority": "urgent"}, 400, "priority"),
+    ("/v1/generate", {"prompt": "hi", "priority": 42}, 400, "priority"),
+    ("/v1/generate", {"prompt": ""}, 400, "prompt"),
+    ("/v1/generate", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/generate", {"prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/generate", {"prompt": "x" * 20_000}, 413, "body"),
+    ("/v1/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+    ("/v1/completions", {"prompt": [999_999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400,
+     "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "temperature": "hot"}, 400, "temperature"),
+]
+
+
+async def test_every_bad_input_gets_a_clear_error_while_good_requests_complete(
+    make_client: Any,
+) -> None:
+    client = await make_client()
+    good = [asyncio.create_task(client.post("/v1/generate", json=GOOD)) for _ in range(6)]
+    for path, body, status, param in BAD_INPUTS:
+        if isinstance(body, bytes):
+            r = await client.post(path, content=body,
+                                  headers={"content-type": "application/json"})
+        else:
+            r = await client.post(path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param, (body, error)
+        assert error["message"], error
+    for r in await asyncio.gather(*good):
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens_generated"] == 12
+    texts = {r.json()["text"] for r in [await g for g in good]}
+    assert len(texts) == 1, "the same greedy request gave different text"
+
+
+async def test_generate_keeps_the_seed_shape(make_client: Any) -> None:
+    client = await make_client()
+    r = await client.post("/v1/generate", json={"prompt": "hello", "max_tokens": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) >= {"request_id", "text", "tokens_generated", "latency_ms",
+                         "batch_wait_ms"}
+    assert body["tokens_generated"] <= 5
+    assert body["latency_ms"] >= body["batch_wait_ms"] >= 0
+
+
+async def test_priority_header_is_used_and_checked(make_client: Any) -> None:
+    client = await make_client()
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                          headers={"X-Priority": "high"})
+    assert r.status_code == 200
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                          headers={"X-Priority": "11"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "X-Priority"
+
+
+async def test_api_key_guards_inference_but_not_probes_or_metrics(make_client: Any) -> None:
+    client = await make_client(api_key="s3cret")
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert (await client.post("/v1/completions", json=body)).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (await client.post("/v1/completions", json=body, headers=wrong)).status_code == 401
+    assert (await client.get("/v1/models")).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    assert (await client.post("/v1/completions", json=body, headers=ok)).status_code == 200
+    for path in ("/health", "/ready", "/metrics"):
+        assert (await client.get(path)).status_code == 200, path
+
+
+async def test_no_chat_template_is_a_400_that_says_so(make_client: Any, tmp_path: Path) -> None:
+    from llamaherd_server.ggufgen import PRESETS, write_model
+
+    bare = write_model(tmp_path / "bare.gguf", PRESETS["tiny"], chat_template=None)
+    client = await make_client(model=bare)
+    assert client.app.state.engine.chat_template is None  # type: ignore[attr-defined]
+    r = await client.post("/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages"
+    assert "no chat template" in r.json()["error"]["message"]
+    # A configured template fills the gap.
+    client = await make_client(model=bare, chat_template="{{ messages[0]['content'] }}")
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+async def test_health_ready_and_metrics(make_client: Any) -> None:
+    client = await make_client()
+    health = (await client.get("/health")).json()
+    assert health["status"] == "healthy"
+    assert health["gpu_utilization"] is None  # no GPU on this machine
+    assert {"active_requests", "queue_depth"} <= set(health)
+    assert (await client.get("/ready")).json() == {"ready": True}
+    await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    text = (await client.get("/metrics")).text
+    assert 'llamaherd_requests_total{outcome="ok"} 1.0' in text
+    assert "llamaherd_slots 4.0" in text
+    assert "process_resident_memory_bytes" in text
