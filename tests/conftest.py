@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd")) / "models"
+MODEL_CACHE = (
+    Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd")) / "models"
+)
 
 
 def generated_model(preset: str) -> Path:
@@ -74,13 +76,29 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(model: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
+def start_server(
+    model: Path,
+    log_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 60.0,
+) -> ServerProcess:
     """``python -m llamaherd_server`` as a real process on a free loopback port."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "llamaherd_server", "--model", str(model),
-           "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llamaherd_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     full_env = {**os.environ, **(env or {})}
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)

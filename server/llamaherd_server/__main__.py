@@ -50,8 +50,11 @@ class DrainingServer(uvicorn.Server):
         while engine.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         if engine.busy():
-            log.warning("drain timeout: failing %d running and %d queued requests",
-                        engine.active_count, engine.queue_depth)
+            log.warning(
+                "drain timeout: failing %d running and %d queued requests",
+                engine.active_count,
+                engine.queue_depth,
+            )
             engine.abort_all("server shut down before the request finished")
         else:
             log.info("drained: no request left")
@@ -73,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     log_config = configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=log_config,
-        timeout_graceful_shutdown=5, access_log=False,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config,
+        timeout_graceful_shutdown=5,
+        access_log=False,
     )
     DrainingServer(config, settings.drain_timeout_seconds).run()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -51,9 +52,16 @@ MAX_STOP_STRINGS = 4
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type_: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -66,7 +74,8 @@ class APIError(Exception):
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(
         error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code),
-        status_code=exc.status, headers=exc.headers,
+        status_code=exc.status,
+        headers=exc.headers,
     )
 
 
@@ -82,8 +91,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = APIError(413, f"request body is larger than {self.limit} bytes",
-                           param="body", code="body_too_large")
+        too_big = APIError(
+            413,
+            f"request body is larger than {self.limit} bytes",
+            param="body",
+            code="body_too_large",
+        )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await error_response(too_big)(scope, receive, send)
@@ -115,14 +128,22 @@ class _BodyTooLarge(Exception):
 class Generation:
     """One request's trip through the engine, seen from the event loop."""
 
-    def __init__(self, engine: Engine, prompt_tokens: list[int], params: SamplingParams,
-                 priority: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        priority: int,
+        timeout_s: float,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.engine = engine
         self.events: asyncio.Queue[TextChunk | Finished | Failed] = asyncio.Queue()
         self.done = False
         self.req = GenerationRequest(
-            prompt_tokens=prompt_tokens, params=params, priority=priority,
+            prompt_tokens=prompt_tokens,
+            params=params,
+            priority=priority,
             timeout_s=timeout_s,
             emit=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
         )
@@ -133,17 +154,25 @@ class Generation:
         except QueueFull as exc:
             metrics.requests.labels(outcome="rejected").inc()
             raise APIError(
-                429, f"server is busy: {exc}; retry later", type_="rate_limit_error",
+                429,
+                f"server is busy: {exc}; retry later",
+                type_="rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": str(self.engine.retry_after_seconds())},
             ) from None
         except EngineDraining:
             metrics.requests.labels(outcome="rejected").inc()
-            raise APIError(503, "server is shutting down", type_="unavailable",
-                           code="draining", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                503,
+                "server is shutting down",
+                type_="unavailable",
+                code="draining",
+                headers={"Retry-After": "1"},
+            ) from None
         except EngineNotReady as exc:
-            raise APIError(503, str(exc), type_="unavailable", code="not_ready",
-                           headers={"Retry-After": "5"}) from None
+            raise APIError(
+                503, str(exc), type_="unavailable", code="not_ready", headers={"Retry-After": "5"}
+            ) from None
 
     async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
         """Events until Finished or Failed. Leaving early cancels the request."""
@@ -198,21 +227,33 @@ def failed_error(event: Failed) -> APIError:
     return APIError(500, event.message, type_="server_error")
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, temperature: float,
-                    context_size: int) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, max_tokens: int, temperature: float, context_size: int
+) -> SamplingParams:
     if max_tokens > context_size:
-        raise APIError(400, f"max_tokens ({max_tokens}) is larger than the context per slot "
-                       f"({context_size} tokens)", param="max_tokens")
+        raise APIError(
+            400,
+            f"max_tokens ({max_tokens}) is larger than the context per slot "
+            f"({context_size} tokens)",
+            param="max_tokens",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(s == "" for s in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
     return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, top_k=body.top_k,
-        min_p=body.min_p, repeat_penalty=body.repeat_penalty,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(stop),
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -226,10 +267,16 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = Engine(
-            settings.model, metrics, slots=settings.slots, context_size=settings.context_size,
-            token_budget=settings.token_budget, max_wait_ms=settings.max_wait_ms,
-            threads=settings.threads, gpu_layers=settings.gpu_layers,
-            queue_limit=settings.queue_limit, aging_seconds=settings.priority_aging_seconds,
+            settings.model,
+            metrics,
+            slots=settings.slots,
+            context_size=settings.context_size,
+            token_budget=settings.token_budget,
+            max_wait_ms=settings.max_wait_ms,
+            threads=settings.threads,
+            gpu_layers=settings.gpu_layers,
+            queue_limit=settings.queue_limit,
+            aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,
         )
         app.state.engine = engine
@@ -266,22 +313,27 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
             message = f"{param}: {first.get('msg')}"
             if "input" in first and first.get("type") != "missing":
                 message += f" (got {json.dumps(first['input'], default=str)[:80]})"
-        return JSONResponse(error_body(message, param=param, code="invalid_value"),
-                            status_code=400)
+        return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
 
     @app.middleware("http")
-    async def _auth(request: Request,
-                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _auth(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         if api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 token.strip().encode(), api_key.encode()
             ):
-                return error_response(APIError(
-                    401, "missing or wrong API key (Authorization: Bearer <key>)",
-                    type_="authentication_error", code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"}))
+                return error_response(
+                    APIError(
+                        401,
+                        "missing or wrong API key (Authorization: Bearer <key>)",
+                        type_="authentication_error",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                )
         return await call_next(request)
 
     def priority_of(request: Request, body: SamplingFields) -> int:
@@ -295,11 +347,16 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
-            raise APIError(404, f"model {name!r} not found; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} not found; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
-    def prompt_tokens(engine: Engine, prompt: str | list[int], *, special: bool = False
-                      ) -> list[int]:
+    def prompt_tokens(
+        engine: Engine, prompt: str | list[int], *, special: bool = False
+    ) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "prompt must not be empty", param="prompt")
@@ -309,35 +366,50 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
                 raise APIError(400, "prompt must not be empty", param="prompt")
             bad = [t for t in prompt if not 0 <= t < engine.n_vocab]
             if bad:
-                raise APIError(400, f"prompt has token ids outside the vocabulary "
-                               f"(0..{engine.n_vocab - 1}): {bad[:5]}", param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt has token ids outside the vocabulary "
+                    f"(0..{engine.n_vocab - 1}): {bad[:5]}",
+                    param="prompt",
+                )
             tokens = list(prompt)
         if len(tokens) >= settings.context_size:
-            raise APIError(400, f"prompt is {len(tokens)} tokens, longer than the context per "
-                           f"slot ({settings.context_size} tokens, generation included)",
-                           param="prompt", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"prompt is {len(tokens)} tokens, longer than the context per "
+                f"slot ({settings.context_size} tokens, generation included)",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         return tokens
 
-    async def start(request: Request, tokens: list[int], params: SamplingParams,
-                    priority: int) -> Generation:
+    async def start(
+        request: Request, tokens: list[int], params: SamplingParams, priority: int
+    ) -> Generation:
         engine = engine_of(request)
         gen = Generation(engine, tokens, params, priority, settings.request_timeout_seconds)
         gen.submit(metrics)
         return gen
 
-    def log_request(gen: Generation, outcome: str, generated: int, finish: Finished | None
-                    ) -> None:
+    def log_request(gen: Generation, outcome: str, generated: int, finish: Finished | None) -> None:
         req = gen.req
         now = time.monotonic()
         request_log.info(
-            "request %s %s", req.id, outcome,
-            extra={"fields": {
-                "request_id": req.id, "priority": req.priority,
-                "prompt_tokens": len(req.prompt_tokens), "generated_tokens": generated,
-                "queue_wait_ms": round(((req.admitted_at or now) - req.arrival) * 1000, 2),
-                "latency_ms": round((now - req.arrival) * 1000, 2), "outcome": outcome,
-                "finish_reason": finish.finish_reason if finish else None,
-            }},
+            "request %s %s",
+            req.id,
+            outcome,
+            extra={
+                "fields": {
+                    "request_id": req.id,
+                    "priority": req.priority,
+                    "prompt_tokens": len(req.prompt_tokens),
+                    "generated_tokens": generated,
+                    "queue_wait_ms": round(((req.admitted_at or now) - req.arrival) * 1000, 2),
+                    "latency_ms": round((now - req.arrival) * 1000, 2),
+                    "outcome": outcome,
+                    "finish_reason": finish.finish_reason if finish else None,
+                }
+            },
         )
 
     async def run_to_end(request: Request, gen: Generation) -> tuple[str, Finished]:
@@ -352,14 +424,23 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
     def ensure_ready(request: Request) -> Engine:
         engine = engine_of(request)
         if not engine.ready:
-            message = ("model is loading" if engine.load_error is None
-                       else f"model failed to load: {engine.load_error}")
-            raise APIError(503, message, type_="unavailable", code="not_ready",
-                           headers={"Retry-After": "5"})
+            message = (
+                "model is loading"
+                if engine.load_error is None
+                else f"model failed to load: {engine.load_error}"
+            )
+            raise APIError(
+                503, message, type_="unavailable", code="not_ready", headers={"Retry-After": "5"}
+            )
         if engine.draining:
             metrics.requests.labels(outcome="rejected").inc()
-            raise APIError(503, "server is shutting down", type_="unavailable",
-                           code="draining", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "server is shutting down",
+                type_="unavailable",
+                code="draining",
+                headers={"Retry-After": "1"},
+            )
         return engine
 
     # ---- routes ----------------------------------------------------------------------
@@ -380,8 +461,10 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
     async def ready(request: Request) -> JSONResponse:
         engine = engine_of(request)
         if engine.load_error is not None:
-            return JSONResponse({"ready": False, "reason": f"model failed to load: "
-                                 f"{engine.load_error}"}, status_code=503)
+            return JSONResponse(
+                {"ready": False, "reason": f"model failed to load: {engine.load_error}"},
+                status_code=503,
+            )
         if not engine.ready:
             return JSONResponse({"ready": False, "reason": "model is loading"}, status_code=503)
         if engine.draining:
@@ -395,30 +478,46 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         engine = engine_of(request)
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "llamaherd",
-            "meta": {"slots": settings.slots, "context_size": settings.context_size,
-                     "n_vocab": engine.n_vocab, "has_chat_template": bool(
-                         settings.chat_template or engine.chat_template)},
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "llamaherd",
+                    "meta": {
+                        "slots": settings.slots,
+                        "context_size": settings.context_size,
+                        "n_vocab": engine.n_vocab,
+                        "has_chat_template": bool(settings.chat_template or engine.chat_template),
+                    },
+                }
+            ],
+        }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         engine = ensure_ready(request)
         params = sampling_params(body, body.max_tokens, body.temperature, settings.context_size)
-        gen = await start(request, prompt_tokens(engine, body.prompt), params,
-                          priority_of(request, body))
+        gen = await start(
+            request, prompt_tokens(engine, body.prompt), params, priority_of(request, body)
+        )
         text, finish = await run_to_end(request, gen)
         return GenerateResponse(
-            request_id=gen.req.id, text=text, tokens_generated=finish.completion_tokens,
+            request_id=gen.req.id,
+            text=text,
+            tokens_generated=finish.completion_tokens,
             latency_ms=round(finish.latency_s * 1000, 3),
             batch_wait_ms=round(finish.queue_wait_s * 1000, 3),
-            prompt_tokens=finish.prompt_tokens, finish_reason=finish.finish_reason,
+            prompt_tokens=finish.prompt_tokens,
+            finish_reason=finish.finish_reason,
         )
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request
-                          ) -> dict[str, Any] | EventSourceResponse:
+    async def completions(
+        body: CompletionRequest, request: Request
+    ) -> dict[str, Any] | EventSourceResponse:
         engine = ensure_ready(request)
         check_model(body.model)
         prompt: str | list[int]
@@ -437,39 +536,50 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                        "model": model_name, "choices": [{
-                            "index": 0, "text": text, "logprobs": None,
-                            "finish_reason": finish}]}
+                return {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": [
+                        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
 
             return sse(gen, chunk, rid, "text_completion", include_usage, log_request)
         text, finish = await run_to_end(request, gen)
         return {
-            "id": rid, "object": "text_completion", "created": int(time.time()),
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
             "model": model_name,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish.finish_reason}],
+            "choices": [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.finish_reason}
+            ],
             "usage": usage(finish),
         }
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request
-                               ) -> dict[str, Any] | EventSourceResponse:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> dict[str, Any] | EventSourceResponse:
         engine = ensure_ready(request)
         check_model(body.model)
         try:
             text = render_chat(
                 settings.chat_template or engine.chat_template,
                 [{"role": m.role, "content": m.text()} for m in body.messages],
-                bos_token=engine.bos_text, eos_token=engine.eos_text,
+                bos_token=engine.bos_text,
+                eos_token=engine.eos_text,
             )
         except ChatTemplateError as exc:
             raise APIError(400, str(exc), param="messages", code="no_chat_template") from None
         if engine.bos_text and text.startswith(engine.bos_text):
-            text = text[len(engine.bos_text):]
+            text = text[len(engine.bos_text) :]
         tokens = prompt_tokens(engine, text, special=True)
-        max_tokens = (body.max_completion_tokens or body.max_tokens
-                      or settings.context_size - len(tokens))
+        max_tokens = (
+            body.max_completion_tokens or body.max_tokens or settings.context_size - len(tokens)
+        )
         params = sampling_params(body, max_tokens, body.temperature, settings.context_size)
         gen = await start(request, tokens, params, priority_of(request, body))
         rid = f"chatcmpl-{gen.req.id}"
@@ -483,18 +593,31 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
                 if first:
                     delta["role"] = "assistant"
                     first = False
-                return {"id": rid, "object": "chat.completion.chunk",
-                        "created": int(time.time()), "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                     "finish_reason": finish}]}
+                return {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": [
+                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
 
             return sse(gen, chunk, rid, "chat.completion.chunk", include_usage, log_request)
         answer, finish = await run_to_end(request, gen)
         return {
-            "id": rid, "object": "chat.completion", "created": int(time.time()),
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": None, "finish_reason": finish.finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "logprobs": None,
+                    "finish_reason": finish.finish_reason,
+                }
+            ],
             "usage": usage(finish),
         }
 
@@ -503,15 +626,21 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
 
 
 def usage(finish: Finished) -> dict[str, int]:
-    return {"prompt_tokens": finish.prompt_tokens,
-            "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
 
 
-def sse(gen: Generation, chunk: Callable[[str, str | None], dict[str, Any]], rid: str,
-        obj: str, include_usage: bool,
-        log_request: Callable[[Generation, str, int, Finished | None], None]
-        ) -> EventSourceResponse:
+def sse(
+    gen: Generation,
+    chunk: Callable[[str, str | None], dict[str, Any]],
+    rid: str,
+    obj: str,
+    include_usage: bool,
+    log_request: Callable[[Generation, str, int, Finished | None], None],
+) -> EventSourceResponse:
     """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``.
 
     The chunk that carries ``finish_reason`` also carries ``usage``; with
@@ -534,23 +663,26 @@ def sse(gen: Generation, chunk: Callable[[str, str | None], dict[str, Any]], rid
                 last["usage"] = usage(event)
                 yield json.dumps(last)
                 if include_usage:
-                    yield json.dumps({"id": rid, "object": obj, "created": int(time.time()),
-                                      "model": last["model"], "choices": [],
-                                      "usage": usage(event)})
+                    yield json.dumps(
+                        {
+                            "id": rid,
+                            "object": obj,
+                            "created": int(time.time()),
+                            "model": last["model"],
+                            "choices": [],
+                            "usage": usage(event),
+                        }
+                    )
                 log_request(gen, "ok", event.completion_tokens, event)
             else:
                 error = failed_error(event)
                 log_request(gen, event.outcome, event.completion_tokens, None)
-                yield json.dumps(error_body(error.message, type_=error.type,
-                                            code=error.code))
+                yield json.dumps(error_body(error.message, type_=error.type, code=error.code))
         yield "[DONE]"
 
     return EventSourceResponse(events(), ping=15, sep="\n")
 
 
 def _load_quietly(engine: Engine) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already logged; /ready reports it
         engine.load()
-    except Exception:  # already logged; /ready reports it
-        pass
-

@@ -24,8 +24,13 @@ def _compile(source: str) -> Any:
     return env.from_string(source)
 
 
-def render_chat(template: str | None, messages: list[dict[str, str]], *,
-                bos_token: str = "", eos_token: str = "") -> str:
+def render_chat(
+    template: str | None,
+    messages: list[dict[str, str]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
     """The prompt text for ``messages``, ending with the assistant's turn."""
     if not template:
         raise ChatTemplateError(
@@ -33,10 +38,14 @@ def render_chat(template: str | None, messages: list[dict[str, str]], *,
             "and none is configured (LLAMAHERD_CHAT_TEMPLATE): use /v1/completions"
         )
     try:
-        return str(_compile(template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=bos_token, eos_token=eos_token,
-        ))
+        return str(
+            _compile(template).render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=bos_token,
+                eos_token=eos_token,
+            )
+        )
     except ChatTemplateError:
         raise
     except TemplateError as exc:

@@ -114,7 +114,7 @@ class EngineDraining(Exception):
 class GenerationRequest:
     prompt_tokens: list[int]
     params: SamplingParams
-    emit: Callable[[Event], None]
+    emit: Callable[[Event], object]
     priority: int = 0
     timeout_s: float = 300.0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -131,8 +131,18 @@ class _Sequence:
     """A request holding a slot: engine-thread state only."""
 
     __slots__ = (
-        "decoder", "emitted", "generated", "last_token_at", "next_token", "pos", "prompt_i",
-        "req", "sampler", "slot", "text", "ttft",
+        "decoder",
+        "emitted",
+        "generated",
+        "last_token_at",
+        "next_token",
+        "pos",
+        "prompt_i",
+        "req",
+        "sampler",
+        "slot",
+        "text",
+        "ttft",
     )
 
     def __init__(self, req: GenerationRequest, slot: int, sampler: Any) -> None:
@@ -267,7 +277,11 @@ class Engine:
         self.eos_text = self.token_text(lib.llama_vocab_eos(self._vocab))
         log.info(
             "model loaded: %s, %d slots x %d tokens, token budget %d, %d threads",
-            self.model_path.name, self.slots, self.context_size, self.token_budget, self.threads,
+            self.model_path.name,
+            self.slots,
+            self.context_size,
+            self.token_budget,
+            self.threads,
         )
 
     def close(self) -> None:
@@ -320,8 +334,9 @@ class Engine:
 
     # ---- tokens ----------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
         """Tokens of ``text``. Safe from any thread: it reads only the vocabulary."""
         if self._vocab is None:
             raise EngineNotReady("model is loading")
@@ -329,13 +344,13 @@ class Engine:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (lib.llama_token * n_max)()
-        n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
-                               parse_special)
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
         if n < 0:
             n_max = -n
             buf = (lib.llama_token * n_max)()
-            n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special,
-                                   parse_special)
+            n = lib.llama_tokenize(
+                self._vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
         return list(buf[:n])
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
@@ -357,8 +372,11 @@ class Engine:
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request. Raises EngineNotReady, EngineDraining or QueueFull."""
         if not self.ready:
-            raise EngineNotReady("model is loading" if self.load_error is None
-                                 else f"model failed to load: {self.load_error}")
+            raise EngineNotReady(
+                "model is loading"
+                if self.load_error is None
+                else f"model failed to load: {self.load_error}"
+            )
         if self.draining:
             raise EngineDraining("server is draining")
         self.queue.put(req)
@@ -403,8 +421,7 @@ class Engine:
                 log.exception("engine step failed; failing the running sequences")
                 for seq in list(self._running.values()):
                     self._release(seq)
-                    self._finish_failed(seq.req, "error", "internal engine error",
-                                        seq.generated)
+                    self._finish_failed(seq.req, "error", "internal engine error", seq.generated)
 
     def _fail_everything(self, message: str) -> None:
         for seq in list(self._running.values()):
@@ -431,8 +448,10 @@ class Engine:
         for req in self.queue.items():
             if req.deadline <= now and self.queue.remove(req):
                 self._finish_failed(
-                    req, "timeout",
-                    f"request timed out after {req.timeout_s:g}s waiting in the queue", 0,
+                    req,
+                    "timeout",
+                    f"request timed out after {req.timeout_s:g}s waiting in the queue",
+                    0,
                 )
 
     def _drop_cancelled_and_expired(self, now: float) -> None:
@@ -444,7 +463,8 @@ class Engine:
             elif req.deadline <= now:
                 self._release(seq)
                 self._finish_failed(
-                    req, "timeout",
+                    req,
+                    "timeout",
                     f"request timed out after {req.timeout_s:g}s "
                     f"({seq.generated} tokens generated)",
                     seq.generated,
@@ -470,8 +490,16 @@ class Engine:
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if p.has_penalties:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                self.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+            lib.llama_sampler_chain_add(
+                chain,
+                lib.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    p.penalty_last_n,
+                    p.repeat_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
+                ),
+            )
         if p.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
@@ -609,16 +637,19 @@ class Engine:
         self._avg_latency_s = 0.9 * self._avg_latency_s + 0.1 * latency
         self.metrics.request_latency.observe(latency)
         self.metrics.requests.labels(outcome="ok").inc()
-        req.emit(Finished(
-            finish_reason=reason,
-            prompt_tokens=len(req.prompt_tokens),
-            completion_tokens=seq.generated,
-            queue_wait_s=(req.admitted_at or now) - req.arrival,
-            latency_s=latency,
-            time_to_first_token_s=seq.ttft,
-        ))
+        req.emit(
+            Finished(
+                finish_reason=reason,
+                prompt_tokens=len(req.prompt_tokens),
+                completion_tokens=seq.generated,
+                queue_wait_s=(req.admitted_at or now) - req.arrival,
+                latency_s=latency,
+                time_to_first_token_s=seq.ttft,
+            )
+        )
 
-    def _finish_failed(self, req: GenerationRequest, outcome: str, message: str,
-                       generated: int) -> None:
+    def _finish_failed(
+        self, req: GenerationRequest, outcome: str, message: str, generated: int
+    ) -> None:
         self.metrics.requests.labels(outcome=outcome).inc()
         req.emit(Failed(outcome, message, generated))

@@ -27,14 +27,113 @@ CHATML_TEMPLATE = (
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there one all we their can has more will if "
-    "about up out who them what when so time into only some could new other two than then "
-    "first any these may like over such our most very just also after know where way well "
-    "model token batch queue server llama herd cluster request reply hello world system user "
-    "assistant question answer story write tell explain data cloud fast slow small large"
-).split()
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "can",
+    "has",
+    "more",
+    "will",
+    "if",
+    "about",
+    "up",
+    "out",
+    "who",
+    "them",
+    "what",
+    "when",
+    "so",
+    "time",
+    "into",
+    "only",
+    "some",
+    "could",
+    "new",
+    "other",
+    "two",
+    "than",
+    "then",
+    "first",
+    "any",
+    "these",
+    "may",
+    "like",
+    "over",
+    "such",
+    "our",
+    "most",
+    "very",
+    "just",
+    "also",
+    "after",
+    "know",
+    "where",
+    "way",
+    "well",
+    "model",
+    "token",
+    "batch",
+    "queue",
+    "server",
+    "llama",
+    "herd",
+    "cluster",
+    "request",
+    "reply",
+    "hello",
+    "world",
+    "system",
+    "user",
+    "assistant",
+    "question",
+    "answer",
+    "story",
+    "write",
+    "tell",
+    "explain",
+    "data",
+    "cloud",
+    "fast",
+    "slow",
+    "small",
+    "large",
+]
 
 
 @dataclass(frozen=True)
@@ -64,9 +163,7 @@ PRESETS: dict[str, ModelShape] = {
     # What `make run` serves.
     "demo": ModelShape(n_embd=512, n_layer=8, n_head=8, n_head_kv=8, n_ff=1376, vocab=8192),
     # ~220M parameters: the benchmark model.
-    "bench": ModelShape(
-        n_embd=1024, n_layer=12, n_head=16, n_head_kv=16, n_ff=2816, vocab=32000
-    ),
+    "bench": ModelShape(n_embd=1024, n_layer=12, n_head=16, n_head_kv=16, n_ff=2816, vocab=32000),
 }
 
 
@@ -122,9 +219,14 @@ def build_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens + pieces, scores, [int(t) for t in types]
 
 
-def write_model(path: Path, shape: ModelShape, *, seed: int = 0,
-                name: str = "llamaherd-random",
-                chat_template: str | None = CHATML_TEMPLATE) -> Path:
+def write_model(
+    path: Path,
+    shape: ModelShape,
+    *,
+    seed: int = 0,
+    name: str = "llamaherd-random",
+    chat_template: str | None = CHATML_TEMPLATE,
+) -> Path:
     """Write a llama-architecture GGUF with random weights to ``path``."""
     import gguf
 
@@ -203,14 +305,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument("--dtype", choices=["f16", "f32"], default=None)
         else:
             parser.add_argument(
-                f"--{field.replace('_', '-')}", type=int, default=None,
+                f"--{field.replace('_', '-')}",
+                type=int,
+                default=None,
                 help=f"override the preset (tiny: {default})",
             )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    overrides = {
-        f: getattr(args, f) for f in asdict(ModelShape()) if getattr(args, f) is not None
-    }
+    overrides = {f: getattr(args, f) for f in asdict(ModelShape()) if getattr(args, f) is not None}
     shape = replace(PRESETS[args.preset], **overrides)
     write_model(args.out, shape, seed=args.seed)
     print(f"wrote {args.out} ({shape.n_params() / 1e6:.1f}M parameters, {shape})")

@@ -39,11 +39,40 @@ OUTCOMES = ("ok", "rejected", "timeout", "cancelled", "error")
 
 # 5 ms to 10 minutes, roughly x2 apart.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-    120.0, 300.0, 600.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
 )
 TOKEN_LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -69,33 +98,39 @@ class ServerMetrics:
             REQUEST_LATENCY, "Arrival to last token.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.time_to_first_token = Histogram(
-            TIME_TO_FIRST_TOKEN, "Arrival to first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            TIME_TO_FIRST_TOKEN,
+            "Arrival to first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            INTER_TOKEN_LATENCY, "Time between consecutive generated tokens of one sequence.",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+            INTER_TOKEN_LATENCY,
+            "Time between consecutive generated tokens of one sequence.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
             QUEUE_WAIT, "Arrival to admission into a slot.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
         self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated.", registry=r)
-        self.requests = Counter(
-            REQUESTS, "Finished requests by outcome.", ["outcome"], registry=r
-        )
+        self.requests = Counter(REQUESTS, "Finished requests by outcome.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
         self.batch_size = Histogram(
             BATCH_SIZE, "Sequences in one llama_decode call.", buckets=BATCH_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            BATCH_TOKENS, "Tokens in one llama_decode call (decode plus prefill).",
-            buckets=BATCH_TOKEN_BUCKETS, registry=r,
+            BATCH_TOKENS,
+            "Tokens in one llama_decode call (decode plus prefill).",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
         )
         self.decode_step = Histogram(
-            DECODE_STEP, "Wall time of one engine iteration's llama_decode.",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+            DECODE_STEP,
+            "Wall time of one engine iteration's llama_decode.",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
         self.kv_cache_usage = Gauge(
             KV_CACHE_USAGE, "Share of the KV cache's cells in use (0 to 1).", registry=r

@@ -14,8 +14,9 @@ MAX_PRIORITY = 9
 def parse_priority(value: Any) -> int:
     """An integer from 0 to 9, or low/normal/medium/high/critical."""
     if isinstance(value, bool):
-        raise ValueError("priority must be an integer from 0 to 9 or one of "
-                         + ", ".join(PRIORITY_NAMES))
+        raise ValueError(
+            "priority must be an integer from 0 to 9 or one of " + ", ".join(PRIORITY_NAMES)
+        )
     if isinstance(value, str):
         text = value.strip().lower()
         if text in PRIORITY_NAMES:
@@ -131,7 +132,12 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-def error_body(message: str, *, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
     """OpenAI's error shape, which its client turns into a typed exception."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

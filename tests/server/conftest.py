@@ -61,8 +61,9 @@ class EngineHarness:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def submit(self, prompt: str | list[int], priority: int = 0, timeout_s: float = 120.0,
-               **params: Any) -> Tracked:
+    def submit(
+        self, prompt: str | list[int], priority: int = 0, timeout_s: float = 120.0, **params: Any
+    ) -> Tracked:
         tokens = self.engine.tokenize(prompt) if isinstance(prompt, str) else prompt
         holder: list[Tracked] = []
 
@@ -72,8 +73,13 @@ class EngineHarness:
             if not isinstance(event, TextChunk):
                 tracked.done.set()
 
-        req = GenerationRequest(prompt_tokens=tokens, params=SamplingParams(**params),
-                                emit=emit, priority=priority, timeout_s=timeout_s)
+        req = GenerationRequest(
+            prompt_tokens=tokens,
+            params=SamplingParams(**params),
+            emit=emit,
+            priority=priority,
+            timeout_s=timeout_s,
+        )
         holder.append(Tracked(req))
         self.engine.submit(req)
         return holder[0]

@@ -178,8 +178,11 @@ def test_utf8_characters_split_across_tokens_are_never_split_in_the_stream(
     from llamaherd_server.engine import GenerationRequest, SamplingParams, _Sequence
 
     chunks: list[str] = []
-    req = GenerationRequest(prompt_tokens=[1], params=SamplingParams(max_tokens=100),
-                            emit=lambda e: chunks.append(getattr(e, "text", "")))
+    req = GenerationRequest(
+        prompt_tokens=[1],
+        params=SamplingParams(max_tokens=100),
+        emit=lambda e: chunks.append(getattr(e, "text", "")),
+    )
     seq = _Sequence(req, 0, None)
     for byte in "é世🦙".encode():
         engine._accept_token(seq, 5 + byte, 0.0)

@@ -21,13 +21,15 @@ async def make_client(tiny_model: Path) -> AsyncIterator[Any]:
     stack: list[Any] = []
 
     async def make(model: Path = tiny_model, **overrides: Any) -> httpx.AsyncClient:
-        settings = ServerSettings(model=model, threads=1, slots=4, context_size=256,
-                                  max_body_bytes=16_384, **overrides)
+        settings = ServerSettings(
+            model=model, threads=1, slots=4, context_size=256, max_body_bytes=16_384, **overrides
+        )
         app = create_app(settings, load_in_background=False)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                   base_url="http://llamaherd.test", timeout=60)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://llamaherd.test", timeout=60
+        )
         stack.append((lifespan, client))
         client.app = app  # type: ignore[attr-defined]
         return client
@@ -38,8 +40,12 @@ async def make_client(tiny_model: Path) -> AsyncIterator[Any]:
         await lifespan.__aexit__(None, None, None)
 
 
-GOOD = {"prompt": "hello world, tell me a story", "max_tokens": 12, "temperature": 0,
-        "ignore_eos": True}
+GOOD = {
+    "prompt": "hello world, tell me a story",
+    "max_tokens": 12,
+    "temperature": 0,
+    "ignore_eos": True,
+}
 
 # (endpoint, body or raw bytes, expected status, the field the error must name)
 BAD_INPUTS: list[tuple[str, Any, int, str]] = [
@@ -63,10 +69,18 @@ BAD_INPUTS: list[tuple[str, Any, int, str]] = [
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400,
-     "messages.0.role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "temperature": "hot"}, 400, "temperature"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages.0.role",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
 ]
 
 
@@ -77,8 +91,7 @@ async def test_every_bad_input_gets_a_clear_error_while_good_requests_complete(
     good = [asyncio.create_task(client.post("/v1/generate", json=GOOD)) for _ in range(6)]
     for path, body, status, param in BAD_INPUTS:
         if isinstance(body, bytes):
-            r = await client.post(path, content=body,
-                                  headers={"content-type": "application/json"})
+            r = await client.post(path, content=body, headers={"content-type": "application/json"})
         else:
             r = await client.post(path, json=body)
         assert r.status_code == status, (path, body, r.text)
@@ -97,19 +110,20 @@ async def test_generate_keeps_the_seed_shape(make_client: Any) -> None:
     r = await client.post("/v1/generate", json={"prompt": "hello", "max_tokens": 5})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) >= {"request_id", "text", "tokens_generated", "latency_ms",
-                         "batch_wait_ms"}
+    assert set(body) >= {"request_id", "text", "tokens_generated", "latency_ms", "batch_wait_ms"}
     assert body["tokens_generated"] <= 5
     assert body["latency_ms"] >= body["batch_wait_ms"] >= 0
 
 
 async def test_priority_header_is_used_and_checked(make_client: Any) -> None:
     client = await make_client()
-    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                          headers={"X-Priority": "high"})
+    r = await client.post(
+        "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers={"X-Priority": "high"}
+    )
     assert r.status_code == 200
-    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                          headers={"X-Priority": "11"})
+    r = await client.post(
+        "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers={"X-Priority": "11"}
+    )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "X-Priority"
 
@@ -133,15 +147,18 @@ async def test_no_chat_template_is_a_400_that_says_so(make_client: Any, tmp_path
     bare = write_model(tmp_path / "bare.gguf", PRESETS["tiny"], chat_template=None)
     client = await make_client(model=bare)
     assert client.app.state.engine.chat_template is None  # type: ignore[attr-defined]
-    r = await client.post("/v1/chat/completions",
-                          json={"messages": [{"role": "user", "content": "hi"}]})
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "messages"
     assert "no chat template" in r.json()["error"]["message"]
     # A configured template fills the gap.
     client = await make_client(model=bare, chat_template="{{ messages[0]['content'] }}")
-    r = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
 
 

@@ -31,14 +31,19 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def test_openai_client_streams_a_chat_completion(server_factory, tiny_model: Path) -> None:
-    server = server_factory(tiny_model, "--threads", "1", "--api-key", "k3y",
-                            "--model-name", "herd-tiny")
+    server = server_factory(
+        tiny_model, "--threads", "1", "--api-key", "k3y", "--model-name", "herd-tiny"
+    )
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="k3y", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["herd-tiny"]
 
     stream = client.chat.completions.create(
-        model="herd-tiny", messages=[{"role": "user", "content": "Say hello"}],
-        max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
+        model="herd-tiny",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
@@ -50,20 +55,23 @@ def test_openai_client_streams_a_chat_completion(server_factory, tiny_model: Pat
     assert content
 
     whole = client.chat.completions.create(
-        model="herd-tiny", messages=[{"role": "user", "content": "Say hello"}],
-        max_tokens=20, temperature=0, extra_body={"ignore_eos": True},
+        model="herd-tiny",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
     assert whole.choices[0].message.content == content
     assert whole.usage is not None and whole.usage.completion_tokens == 20
 
-    completion = client.completions.create(model="herd-tiny", prompt="Once upon", max_tokens=5,
-                                           extra_headers={"X-Priority": "2"})
+    completion = client.completions.create(
+        model="herd-tiny", prompt="Once upon", max_tokens=5, extra_headers={"X-Priority": "2"}
+    )
     assert completion.choices[0].finish_reason in ("length", "stop")
     assert completion.usage is not None and completion.usage.completion_tokens <= 5
 
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong",
-                      max_retries=0).models.list()
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="not found"):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -71,20 +79,22 @@ def test_openai_client_streams_a_chat_completion(server_factory, tiny_model: Pat
 
 
 def test_overflow_gets_429_with_retry_after(server_factory, small_model: Path) -> None:
-    server = server_factory(small_model, "--threads", "1", "--slots", "1", "--queue-limit",
-                            "2", "--max-wait-ms", "0")
+    server = server_factory(
+        small_model, "--threads", "1", "--slots", "1", "--queue-limit", "2", "--max-wait-ms", "0"
+    )
     body = {"prompt": "a long one", "max_tokens": 300, "ignore_eos": True}
     results: list[int] = []
 
     def post() -> None:
-        results.append(httpx.post(server.url + "/v1/generate", json=body, timeout=120)
-                       .status_code)
+        results.append(httpx.post(server.url + "/v1/generate", json=body, timeout=120).status_code)
 
     threads = [threading.Thread(target=post) for _ in range(3)]  # 1 running + 2 queued
     for t in threads:
         t.start()
-    wait_for(lambda: metric(server.url, "llamaherd_requests_waiting", priority="0") == 2,
-             message="two requests waiting")
+    wait_for(
+        lambda: metric(server.url, "llamaherd_requests_waiting", priority="0") == 2,
+        message="two requests waiting",
+    )
     r = httpx.post(server.url + "/v1/generate", json=body, timeout=30)
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
@@ -104,46 +114,70 @@ def test_client_disconnect_frees_the_slot(server_factory, small_model: Path) -> 
             lines += bool(line.startswith("data:"))
             if lines >= 5:
                 break
-    wait_for(lambda: metric(server.url, "llamaherd_requests_total", outcome="cancelled") == 1,
-             message="the stream's cancellation")
+    wait_for(
+        lambda: metric(server.url, "llamaherd_requests_total", outcome="cancelled") == 1,
+        message="the stream's cancellation",
+    )
     assert metric(server.url, "llamaherd_requests_running") == 0
     assert metric(server.url, "llamaherd_kv_cache_usage_ratio") < 1
 
     # Non-streaming: the client times out and goes away; the request is cancelled too.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/generate", timeout=1.0,
-                   json={"prompt": "go on", "max_tokens": 2000, "ignore_eos": True})
-    wait_for(lambda: metric(server.url, "llamaherd_requests_total", outcome="cancelled") == 2,
-             message="the non-streaming request's cancellation")
+        httpx.post(
+            server.url + "/v1/generate",
+            timeout=1.0,
+            json={"prompt": "go on", "max_tokens": 2000, "ignore_eos": True},
+        )
+    wait_for(
+        lambda: metric(server.url, "llamaherd_requests_total", outcome="cancelled") == 2,
+        message="the non-streaming request's cancellation",
+    )
     # The slot is free: a new request runs at once.
-    r = httpx.post(server.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 3},
-                   timeout=30)
+    r = httpx.post(server.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200
 
 
 def test_request_timeout_is_a_clear_504(server_factory, small_model: Path) -> None:
     server = server_factory(small_model, "--threads", "1", "--request-timeout-seconds", "0.5")
-    r = httpx.post(server.url + "/v1/generate", timeout=30,
-                   json={"prompt": "go on", "max_tokens": 2000, "ignore_eos": True})
+    r = httpx.post(
+        server.url + "/v1/generate",
+        timeout=30,
+        json={"prompt": "go on", "max_tokens": 2000, "ignore_eos": True},
+    )
     assert r.status_code == 504
     assert "timed out after 0.5s" in r.json()["error"]["message"]
 
 
-def test_sigterm_drains_running_requests_then_exits_zero(server_factory, small_model: Path
-                                                         ) -> None:
-    server = server_factory(small_model, "--threads", "1", "--slots", "2",
-                            "--drain-timeout-seconds", "60", "--log-format", "json")
+def test_sigterm_drains_running_requests_then_exits_zero(server_factory, small_model: Path) -> None:
+    server = server_factory(
+        small_model,
+        "--threads",
+        "1",
+        "--slots",
+        "2",
+        "--drain-timeout-seconds",
+        "60",
+        "--log-format",
+        "json",
+    )
     results: list[httpx.Response] = []
     body = {"prompt": "a story", "max_tokens": 150, "ignore_eos": True, "temperature": 0}
-    worker = threading.Thread(target=lambda: results.append(
-        httpx.post(server.url + "/v1/generate", json=body, timeout=120)))
+    worker = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(server.url + "/v1/generate", json=body, timeout=120)
+        )
+    )
     worker.start()
-    wait_for(lambda: metric(server.url, "llamaherd_generated_tokens_total") >= 5,
-             message="the request to be generating")
+    wait_for(
+        lambda: metric(server.url, "llamaherd_generated_tokens_total") >= 5,
+        message="the request to be generating",
+    )
 
     server.proc.send_signal(signal.SIGTERM)
-    ready = wait_for(lambda: (r := httpx.get(server.url + "/ready")).status_code == 503 and r,
-                     message="/ready to turn 503")
+    ready = wait_for(
+        lambda: (r := httpx.get(server.url + "/ready")).status_code == 503 and r,
+        message="/ready to turn 503",
+    )
     assert ready.json()["reason"] == "draining"
     refused = httpx.post(server.url + "/v1/generate", json={"prompt": "hi"}, timeout=10)
     assert refused.status_code == 503
@@ -156,8 +190,9 @@ def test_sigterm_drains_running_requests_then_exits_zero(server_factory, small_m
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     finished = [x for x in lines if x.get("logger") == "llamaherd.requests"]
     assert any(x["outcome"] == "ok" and x["generated_tokens"] == 150 for x in finished)
-    assert {"request_id", "priority", "prompt_tokens", "queue_wait_ms",
-            "latency_ms"} <= set(finished[0])
+    assert {"request_id", "priority", "prompt_tokens", "queue_wait_ms", "latency_ms"} <= set(
+        finished[0]
+    )
 
 
 def test_drain_timeout_fails_what_is_left_and_still_exits_zero(
@@ -165,9 +200,15 @@ def test_drain_timeout_fails_what_is_left_and_still_exits_zero(
 ) -> None:
     server = server_factory(small_model, "--threads", "1", "--drain-timeout-seconds", "1")
     results: list[httpx.Response] = []
-    worker = threading.Thread(target=lambda: results.append(httpx.post(
-        server.url + "/v1/generate", timeout=60,
-        json={"prompt": "go", "max_tokens": 2000, "ignore_eos": True})))
+    worker = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(
+                server.url + "/v1/generate",
+                timeout=60,
+                json={"prompt": "go", "max_tokens": 2000, "ignore_eos": True},
+            )
+        )
+    )
     worker.start()
     wait_for(lambda: metric(server.url, "llamaherd_requests_running") == 1)
     started = time.monotonic()
