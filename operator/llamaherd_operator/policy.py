@@ -1,0 +1,217 @@
+"""The autoscaling policy: a pure function from metrics to a replica count and a reason.
+
+Inputs: the service's metrics as Prometheus sees them (waiting and running requests summed over
+its pods, how many pods report ready, p95 latency and time to first token), the current
+replica count, the time, the autoscaling spec, and the recommendations of earlier periods.
+Output: the desired replica count, which way it moves, and a reason a person can read.
+
+The rules, in order:
+
+1. **No data, no move.** Metrics missing, stale or failing (Prometheus down, no series yet,
+   no pod reporting ready): hold the current replicas, ``scaling_active`` False, and say why.
+   Never drop to the minimum for lack of data.
+2. **Per-signal recommendations**, each ``ceil(ready x observed / target)``, where
+   ``observed`` is per ready pod; pods that are not ready do not count as capacity:
+   - queue: waiting requests per ready pod against ``targetQueueDepthPerReplica``;
+   - slots: running sequences per ready pod against the pod's ``slots`` (a fleet whose slots
+     are all busy needs as many pods as it has, even with an empty queue);
+   - latency: p95 request latency against ``targetLatencyP95Ms``, when set.
+   A signal within the tolerance band (|observed / target - 1| <= 10%) recommends no change.
+   The recommendation is the largest of them, clamped to [minReplicas, maxReplicas].
+3. **Burst**: waiting per ready pod at least twice the target skips scale-down entirely and
+   scales up at once to the recommendation.
+4. **Scale up fast**: otherwise up to +100% or +4 pods per period, whichever is more, after
+   the (default 0 s) scale-up stabilization window: the lowest recommendation in that window.
+5. **Scale down slowly**: the highest recommendation in the scale-down stabilization window
+   (default 300 s); and never while any pod is not ready yet (cold start).
+6. Clamp to [minReplicas, maxReplicas].
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+TOLERANCE = 0.1
+UP_FACTOR = 2.0  # +100% per period
+UP_PODS = 4  # or +4 pods, whichever is more
+BURST_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_queue_depth: float = 4.0
+    target_latency_p95_s: float | None = None
+    slots: int = 8
+    scale_up_stabilization_s: float = 0.0
+    scale_down_stabilization_s: float = 300.0
+    tolerance: float = TOLERANCE
+
+    @classmethod
+    def from_resource(cls, spec: dict[str, Any]) -> ScalingSpec:
+        """From an InferenceService's ``spec`` (camelCase, defaults as in the CRD)."""
+        a = spec.get("autoscaling") or {}
+        server = spec.get("server") or {}
+        latency_ms = a.get("targetLatencyP95Ms")
+        return cls(
+            min_replicas=int(a.get("minReplicas", 1)),
+            max_replicas=int(a.get("maxReplicas", max(1, int(a.get("minReplicas", 1))))),
+            target_queue_depth=float(a.get("targetQueueDepthPerReplica", 4)),
+            target_latency_p95_s=float(latency_ms) / 1000 if latency_ms else None,
+            slots=int(server.get("slots", 8)),
+            scale_up_stabilization_s=float(a.get("scaleUpStabilizationSeconds", 0)),
+            scale_down_stabilization_s=float(a.get("scaleDownStabilizationSeconds", 300)),
+        )
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, replicas))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One service's signals, summed over its pods."""
+
+    waiting: float
+    running: float
+    ready: int  # pods that report ready
+    latency_p95_s: float | None = None
+    ttft_p95_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    current: int
+    reason: str  # CamelCase, for Events and the ScalingActive condition
+    message: str
+    scaling_active: bool = True
+    recommendation: int | None = None
+
+    @property
+    def direction(self) -> str:
+        if self.desired > self.current:
+            return "up"
+        if self.desired < self.current:
+            return "down"
+        return "none"
+
+
+@dataclass
+class History:
+    """Recommendations of earlier periods, for the stabilization windows."""
+
+    entries: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, now: float, recommendation: int, keep_s: float) -> None:
+        self.entries.append((now, recommendation))
+        while self.entries and self.entries[0][0] < now - keep_s:
+            self.entries.popleft()
+
+    def within(self, now: float, window_s: float) -> list[int]:
+        return [r for t, r in self.entries if t >= now - window_s]
+
+
+def signal_recommendation(ready: int, observed: float, target: float, tolerance: float) -> int:
+    """``ceil(ready x observed / target)``; within the tolerance band, ``ready``."""
+    ratio = observed / target
+    if abs(ratio - 1.0) <= tolerance:
+        return ready
+    return math.ceil(ready * ratio - 1e-9)
+
+
+def decide(
+    metrics: Metrics | None,
+    current: int,
+    now: float,
+    spec: ScalingSpec,
+    history: History,
+    *,
+    unavailable_reason: str = "no metrics",
+) -> Decision:
+    """The desired replicas for this period. ``history`` is updated in place."""
+    clamped = spec.clamp(current)
+    if metrics is None or metrics.ready <= 0:
+        why = unavailable_reason if metrics is None else "no ready pod reports metrics yet"
+        return Decision(
+            clamped,
+            current,
+            "MetricsUnavailable",
+            f"holding {clamped} replicas: {why}",
+            scaling_active=False,
+        )
+
+    ready = min(metrics.ready, current) if current > 0 else metrics.ready
+    per_pod_waiting = metrics.waiting / ready
+    signals = {
+        "queue": signal_recommendation(
+            ready, per_pod_waiting, spec.target_queue_depth, spec.tolerance
+        ),
+        "slots": signal_recommendation(ready, metrics.running / ready, spec.slots, spec.tolerance),
+    }
+    if spec.target_latency_p95_s and metrics.latency_p95_s is not None:
+        signals["latency"] = signal_recommendation(
+            ready, metrics.latency_p95_s, spec.target_latency_p95_s, spec.tolerance
+        )
+    driver = max(signals, key=lambda k: signals[k])
+    recommendation = spec.clamp(max(signals.values()))
+    keep = max(spec.scale_down_stabilization_s, spec.scale_up_stabilization_s)
+    if not history.entries:
+        # A fresh history (new service or operator restart) counts as having recommended
+        # the current size for a whole window: no scale-down before a window has passed.
+        history.add(now - keep, clamped, keep)
+    history.add(now, recommendation, keep)
+    burst = per_pod_waiting >= BURST_FACTOR * spec.target_queue_depth
+    numbers = (
+        f"waiting {metrics.waiting:g} ({per_pod_waiting:.2f}/pod, target "
+        f"{spec.target_queue_depth:g}), running {metrics.running:g}, ready {metrics.ready}"
+        + (f", p95 {metrics.latency_p95_s * 1000:.0f}ms" if metrics.latency_p95_s else "")
+    )
+
+    def decision(desired: int, reason: str, what: str) -> Decision:
+        return Decision(
+            spec.clamp(desired),
+            current,
+            reason,
+            f"{what}: {numbers}",
+            recommendation=recommendation,
+        )
+
+    if current != clamped:
+        return decision(
+            clamped, "OutOfBounds", f"{current} outside [{spec.min_replicas}, {spec.max_replicas}]"
+        )
+    if recommendation > current:
+        if burst:
+            return decision(
+                recommendation,
+                "BurstScaleUp",
+                f"burst: {current} -> {recommendation} at once ({driver})",
+            )
+        stable = min(history.within(now, spec.scale_up_stabilization_s) or [recommendation])
+        if stable <= current:
+            return decision(
+                current, "StabilizingUp", f"holding {current}: the scale-up window saw {stable}"
+            )
+        limit = max(math.ceil(current * UP_FACTOR), current + UP_PODS)
+        desired = min(stable, limit)
+        return decision(desired, "ScaleUp", f"{current} -> {desired} ({driver})")
+    if recommendation < current:
+        if burst:
+            return decision(current, "Burst", f"holding {current}: queue in burst")
+        if metrics.ready < current:
+            return decision(
+                current,
+                "PodsNotReady",
+                f"holding {current}: {current - metrics.ready} pods not ready yet",
+            )
+        stable = max(history.within(now, spec.scale_down_stabilization_s))
+        if stable >= current:
+            return decision(
+                current, "StabilizingDown", f"holding {current}: the scale-down window saw {stable}"
+            )
+        return decision(stable, "ScaleDown", f"{current} -> {stable}")
+    return decision(current, "Steady", f"{current} replicas fit the load")

@@ -1,0 +1,285 @@
+"""The autoscaling policy on time-series traces, and its properties (hypothesis)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamaherd_operator.policy import (
+    Decision,
+    History,
+    Metrics,
+    ScalingSpec,
+    decide,
+    signal_recommendation,
+)
+
+PERIOD = 15.0
+SPEC = ScalingSpec(
+    min_replicas=1, max_replicas=10, target_queue_depth=4, slots=8, scale_down_stabilization_s=300
+)
+
+
+@dataclass
+class Trace:
+    times: list[float]
+    replicas: list[int]
+    decisions: list[Decision]
+
+    def direction_changes(self) -> int:
+        moves = [d.direction for d in self.decisions if d.direction != "none"]
+        return sum(1 for a, b in zip(moves, moves[1:], strict=False) if a != b)
+
+    def first_time(self, predicate: Callable[[int], bool], after: float = 0.0) -> float | None:
+        for t, r in zip(self.times, self.replicas, strict=True):
+            if t >= after and predicate(r):
+                return t
+        return None
+
+
+def run(
+    demand: Callable[[float], float],
+    duration: float,
+    *,
+    spec: ScalingSpec = SPEC,
+    start_delay: float = 30.0,
+    metrics_up: Callable[[float], bool] = lambda t: True,
+    start: int = 1,
+) -> Trace:
+    """A fleet whose pods take ``start_delay`` to become ready; ``demand`` is concurrent
+    requests wanted; each ready pod runs ``slots`` of them and the rest wait."""
+    history = History()
+    current = start
+    ready_at = [0.0] * start  # when each pod became (or becomes) ready
+    trace = Trace([], [], [])
+    t = 0.0
+    while t <= duration:
+        ready = sum(1 for r in ready_at[:current] if r <= t)
+        want = demand(t)
+        running = min(want, ready * spec.slots)
+        metrics = (
+            Metrics(waiting=want - running, running=running, ready=ready) if metrics_up(t) else None
+        )
+        d = decide(metrics, current, t, spec, history, unavailable_reason="prometheus down")
+        if d.desired > current:
+            ready_at = ready_at[:current] + [t + start_delay] * (d.desired - current)
+        current = d.desired
+        trace.times.append(t)
+        trace.replicas.append(current)
+        trace.decisions.append(d)
+        t += PERIOD
+    return trace
+
+
+def test_step_up_scales_within_two_minutes_without_flapping() -> None:
+    trace = run(lambda t: 4 if t < 60 else 64, 900)
+    reached = trace.first_time(lambda r: r >= 8, after=60)
+    assert reached is not None and reached - 60 <= 120, trace.replicas
+    # The queue signal overshoots a big step (it ignores the slots new pods bring); the
+    # overshoot comes back once, after the scale-down window, and stays at the right size.
+    assert trace.direction_changes() <= 1
+    assert trace.replicas[-1] == 8  # 64 concurrent requests / 8 slots
+
+
+def test_moderate_step_up_is_one_move_up() -> None:
+    trace = run(lambda t: 24 if t < 60 else 44, 900, start=3)
+    i = trace.times.index(60.0)
+    assert (trace.decisions[i].reason, trace.replicas[i]) == ("ScaleUp", 5)  # ceil(20 / 4)
+    assert trace.direction_changes() == 0
+    # 5 pods run 40 and 4 wait: 0.8 waiting per pod is under the target of 4, so it stays.
+    assert set(trace.replicas[i:]) == {5}
+
+
+def test_scale_up_is_limited_to_double_or_four_pods_per_period() -> None:
+    spec = ScalingSpec(max_replicas=100, target_latency_p95_s=1.0)
+    metrics = Metrics(waiting=0, running=8, ready=2, latency_p95_s=20.0)
+    d = decide(metrics, 2, 0.0, spec, History())
+    assert (d.reason, d.recommendation, d.desired) == ("ScaleUp", 40, 6)  # 2 + 4
+    d = decide(
+        Metrics(waiting=0, running=80, ready=10, latency_p95_s=20.0), 10, 15.0, spec, History()
+    )
+    assert d.desired == 20  # +100%
+
+
+def test_burst_jumps_straight_to_the_recommendation() -> None:
+    trace = run(lambda t: 4 if t < 60 else 400, 200)
+    i = trace.times.index(60.0)
+    assert trace.decisions[i].reason == "BurstScaleUp"
+    assert trace.replicas[i] == 10  # one period, clamped at max
+
+
+def test_slow_ramp_only_ever_goes_up() -> None:
+    trace = run(lambda t: t / 15, 1200)  # 0 to 80 concurrent requests over 20 minutes
+    assert trace.direction_changes() == 0
+    assert trace.replicas == sorted(trace.replicas)
+    # 80 wanted: 7 pods run 56 and 24 wait, 3.4 per pod, inside the target of 4.
+    assert trace.replicas[-1] == 7
+
+
+def test_oscillating_load_does_not_flap() -> None:
+    trace = run(lambda t: 40 if int(t // 60) % 2 else 8, 1800)
+    assert trace.direction_changes() <= 1, trace.replicas
+    assert max(trace.replicas) >= 5
+
+
+def test_load_going_away_scales_down_after_the_window_only() -> None:
+    trace = run(lambda t: 40 if t < 300 else 0, 1200, start=5)
+    assert set(trace.replicas[: trace.times.index(300.0)]) == {5}
+    # Nothing goes down for a whole stabilization window after the load stops ...
+    assert {r for t, r in zip(trace.times, trace.replicas, strict=True) if t < 600} == {5}
+    # ... then straight to the minimum, in one move.
+    assert trace.replicas[trace.times.index(600.0)] == 1
+    assert trace.direction_changes() == 0
+
+
+def test_metrics_gap_holds_replicas_and_says_so() -> None:
+    trace = run(lambda t: 64, 900, metrics_up=lambda t: not 300 <= t < 600)
+    gap = [d for t, d in zip(trace.times, trace.decisions, strict=True) if 300 <= t < 600]
+    assert all(d.reason == "MetricsUnavailable" and not d.scaling_active for d in gap)
+    held = trace.replicas[trace.times.index(285.0)]
+    assert all(d.desired == held for d in gap)
+    assert trace.replicas[-1] == 8  # back on data: the right size for 64 requests
+
+
+def test_prometheus_down_from_the_start_holds_the_current_replicas() -> None:
+    trace = run(lambda t: 64, 300, metrics_up=lambda t: False, start=3)
+    assert set(trace.replicas) == {3}
+    assert "prometheus down" in trace.decisions[0].message
+
+
+def test_no_scale_down_while_pods_are_cold() -> None:
+    history = History()
+    d = decide(
+        Metrics(waiting=0, running=0, ready=2),
+        5,
+        1000.0,
+        ScalingSpec(max_replicas=10, scale_down_stabilization_s=0),
+        history,
+    )
+    assert (d.desired, d.reason) == (5, "PodsNotReady")
+
+
+def test_latency_signal_scales_up_when_the_queue_looks_fine() -> None:
+    spec = ScalingSpec(max_replicas=10, target_latency_p95_s=1.0)
+    d = decide(Metrics(waiting=4, running=8, ready=2, latency_p95_s=3.0), 2, 0.0, spec, History())
+    assert d.desired == 6 and "latency" in d.message
+
+
+def test_tolerance_band() -> None:
+    assert signal_recommendation(10, 4.3, 4.0, 0.1) == 10
+    assert signal_recommendation(10, 3.7, 4.0, 0.1) == 10
+    assert signal_recommendation(10, 4.5, 4.0, 0.1) == 12
+    assert signal_recommendation(10, 2.0, 4.0, 0.1) == 5
+
+
+def test_spec_from_the_resource() -> None:
+    spec = ScalingSpec.from_resource(
+        {
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 2,
+                "maxReplicas": 7,
+                "targetQueueDepthPerReplica": 3,
+                "targetLatencyP95Ms": 1500,
+                "scaleDownStabilizationSeconds": 60,
+            },
+            "server": {"slots": 16},
+        }
+    )
+    assert spec == ScalingSpec(
+        min_replicas=2,
+        max_replicas=7,
+        target_queue_depth=3,
+        target_latency_p95_s=1.5,
+        slots=16,
+        scale_down_stabilization_s=60,
+    )
+
+
+# ---- properties ----------------------------------------------------------------------
+
+specs = st.builds(
+    lambda lo, span, target, slots, down, lat: ScalingSpec(
+        min_replicas=lo,
+        max_replicas=lo + span,
+        target_queue_depth=target,
+        slots=slots,
+        scale_down_stabilization_s=down,
+        target_latency_p95_s=lat,
+    ),
+    st.integers(1, 5),
+    st.integers(0, 20),
+    st.floats(0.5, 20),
+    st.integers(1, 32),
+    st.sampled_from([0.0, 60.0, 300.0]),
+    st.none() | st.floats(0.1, 10),
+)
+metrics_st = st.builds(
+    Metrics,
+    waiting=st.floats(0, 1000),
+    running=st.floats(0, 500),
+    ready=st.integers(0, 30),
+    latency_p95_s=st.none() | st.floats(0.01, 60),
+)
+histories = st.lists(st.tuples(st.floats(0, 600), st.integers(0, 40)), max_size=8).map(
+    lambda xs: History(deque_of(sorted(xs)))
+)
+
+
+def deque_of(items: list[tuple[float, int]]):  # type: ignore[no-untyped-def]
+    from collections import deque
+
+    return deque(items)
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs, st.none() | metrics_st, st.integers(0, 40), histories)
+def test_always_within_bounds(
+    spec: ScalingSpec, metrics: Metrics | None, current: int, history: History
+) -> None:
+    d = decide(metrics, current, 600.0, spec, history)
+    assert spec.min_replicas <= d.desired <= spec.max_replicas
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs, metrics_st, st.integers(1, 40), histories)
+def test_never_down_while_pods_are_not_ready(
+    spec: ScalingSpec, metrics: Metrics, current: int, history: History
+) -> None:
+    if metrics.ready >= current or not spec.min_replicas <= current <= spec.max_replicas:
+        return
+    assert decide(metrics, current, 600.0, spec, history).desired >= current
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    specs,
+    metrics_st,
+    st.floats(0, 500),
+    st.floats(0, 200),
+    st.floats(0, 30),
+    st.integers(0, 40),
+    histories,
+)
+def test_more_load_never_gives_fewer_replicas(
+    spec: ScalingSpec,
+    low: Metrics,
+    more_waiting: float,
+    more_running: float,
+    more_latency: float,
+    current: int,
+    history: History,
+) -> None:
+    high = Metrics(
+        waiting=low.waiting + more_waiting,
+        running=low.running + more_running,
+        ready=low.ready,
+        latency_p95_s=None if low.latency_p95_s is None else low.latency_p95_s + more_latency,
+    )
+    d_low = decide(low, current, 600.0, spec, copy.deepcopy(history))
+    d_high = decide(high, current, 600.0, spec, copy.deepcopy(history))
+    assert d_high.desired >= d_low.desired, (d_low, d_high)
