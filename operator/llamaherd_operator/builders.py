@@ -222,8 +222,10 @@ def tolerations(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def termination_grace_seconds(spec: Mapping[str, Any], options: BuildOptions) -> int:
-    drain = float(spec.get("server", {}).get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS))
-    return math.ceil(drain) + options.pre_stop_sleep_seconds + options.termination_grace_margin_seconds
+    server = spec.get("server", {})
+    drain = float(server.get("drainTimeoutSeconds", DEFAULT_DRAIN_TIMEOUT_SECONDS))
+    margin = options.pre_stop_sleep_seconds + options.termination_grace_margin_seconds
+    return math.ceil(drain) + margin
 
 
 def _volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -372,7 +374,8 @@ def build_deployment(body: Body, options: BuildOptions | None = None) -> Manifes
     # GPUs are scarce: replace pods in place rather than ask for one more GPU during a rollout.
     rolling = {"maxSurge": 0, "maxUnavailable": 1} if gpus else {"maxSurge": 1, "maxUnavailable": 0}
     metadata = _metadata(body)
-    metadata["annotations"] = {names.ANNOTATION_GENERATION: str(body["metadata"].get("generation", 0))}
+    generation = str(body["metadata"].get("generation", 0))
+    metadata["annotations"] = {names.ANNOTATION_GENERATION: generation}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -142,8 +142,9 @@ def main(env: Mapping[str, str] | None = None) -> int:
         log(f"model download failed: bad configuration: {err}")
         return 2
     try:
-        download(url, dest, sha256=env.get("DOWNLOAD_SHA256") or None, retries=retries,
-                 timeout=timeout)
+        download(
+            url, dest, sha256=env.get("DOWNLOAD_SHA256") or None, retries=retries, timeout=timeout
+        )
     except DownloadError as err:
         log(f"model download failed: {err}")
         return 1

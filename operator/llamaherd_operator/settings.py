@@ -1,4 +1,4 @@
-"""Operator settings: one pydantic-settings model, environment variables ``LLAMAHERD_OPERATOR_*``."""
+"""Operator settings: one pydantic-settings model, read from ``LLAMAHERD_OPERATOR_*`` variables."""
 
 from __future__ import annotations
 
@@ -28,12 +28,11 @@ class OperatorSettings(BaseSettings):
     liveness_port: int = Field(
         default=8080, ge=0, le=65535, description="Port of the liveness endpoint (0 disables it)."
     )
-    resync_seconds: float = Field(
-        default=60.0,
-        ge=5,
+    claim_recheck_seconds: float = Field(
+        default=30.0,
+        gt=0,
         le=3600,
-        description="How often every InferenceService is reconciled again even when nothing "
-        "changed (repairs drift, notices a PersistentVolumeClaim that appeared).",
+        description="How often to look again for a missing PersistentVolumeClaim.",
     )
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, le=600, description="Delay before retrying a failed reconcile."

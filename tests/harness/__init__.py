@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
@@ -86,8 +86,12 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
-    """Whether something still holds ``127.0.0.1:port`` (listening or bound)."""
+    """Whether a socket still listens on (or is bound to) ``127.0.0.1:port``.
+
+    SO_REUSEADDR makes connections lingering in TIME_WAIT not count: they block nobody's listen.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -95,8 +99,13 @@ def port_in_use(port: int) -> bool:
         return False
 
 
+def wait_port_free(port: int, timeout: float = 15.0) -> None:
+    """Wait until nothing holds ``127.0.0.1:port`` any more."""
+    wait_until(lambda: not port_in_use(port), timeout=timeout, what=f"port {port} to be freed")
+
+
 def wait_until(
-    probe: Callable[[], T | None],
+    probe: Callable[[], T | Literal[False] | None],
     *,
     timeout: float,
     interval: float = 0.2,

@@ -35,7 +35,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.harness import REPO_ROOT, binary_path, cache_dir, free_port, port_in_use, wait_until
+from tests.harness import (
+    REPO_ROOT,
+    binary_path,
+    cache_dir,
+    free_port,
+    wait_port_free,
+)
 
 # DESIGN.md network rules: cluster ranges come from 198.18.0.0/15, never from RFC 1918.
 SERVICE_CIDR = "198.19.0.0/16"
@@ -213,7 +219,7 @@ class _Process:
         if self.popen is not None:
             self.popen.wait(timeout=timeout)
         for port in self.ports:
-            wait_until(lambda p=port: not port_in_use(p), timeout=timeout, what=f"port {port} freed")
+            wait_port_free(port, timeout)
         self.popen, self.pid = None, 0
 
     def tail(self, lines: int = 30) -> str:
@@ -452,6 +458,9 @@ class ControlPlane:
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # Endpoints may not hold loopback addresses: the default lease reconciler fails to
+            # publish 127.0.0.1 for the `kubernetes` Service and then stalls shutdown for good.
+            "--endpoint-reconciler-type=none",
             f"--secure-port={self.apiserver_port}",
             f"--tls-cert-file={self._serving_crt}",
             f"--tls-private-key-file={self._serving_key}",
@@ -463,6 +472,8 @@ class ControlPlane:
             f"--service-account-signing-key-file={self._sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
+            # Without it, open watches (controller-manager, scheduler) hold a SIGTERM for 15s+.
+            "--shutdown-watch-termination-grace-period=1s",
             "--allow-privileged=true",
             "--profiling=false",
             f"--cert-dir={self.workdir}/apiserver-certs",
@@ -604,7 +615,7 @@ def _cli_down() -> int:
     for proc in state["processes"]:
         _kill_group(proc["pid"], proc["executable"], timeout=15)
         for port in proc["ports"]:
-            wait_until(lambda p=port: not port_in_use(p), timeout=15, what=f"port {port} freed")
+            wait_port_free(port, 15)
         print(f"[cluster] stopped {proc['name']} (pid {proc['pid']})")
     shutil.rmtree(state["workdir"], ignore_errors=True)
     state_file.unlink()

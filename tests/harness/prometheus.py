@@ -14,14 +14,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.harness import REPO_ROOT, free_port, port_in_use, wait_until
+from tests.harness import REPO_ROOT, free_port, wait_port_free, wait_until
 
 PROMETHEUS_BINARY = Path(os.environ.get("LLAMAHERD_PROMETHEUS", "/usr/bin/prometheus"))
 Sample = dict[str, Any]  # one element of a PromQL vector: {"metric": {...}, "value": [ts, "v"]}
@@ -105,7 +104,7 @@ class Prometheus:
                 except subprocess.TimeoutExpired:
                     continue
             self._proc = None
-            wait_until(lambda: not port_in_use(self.port), timeout=15, what="Prometheus port freed")
+            wait_port_free(self.port)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Prometheus:

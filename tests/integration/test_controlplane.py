@@ -136,9 +136,9 @@ def deployment(name: str, namespace: str, replicas: int) -> dict[str, Any]:
 
 
 def pods_of(plane: ControlPlane, namespace: str, app: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = run_json(plane, "get", "pods", "-n", namespace, "-l", f"app={app}")[
-        "items"
-    ]
+    items: list[dict[str, Any]] = run_json(
+        plane, "get", "pods", "-n", namespace, "-l", f"app={app}"
+    )["items"]
     return items
 
 
@@ -154,7 +154,7 @@ def test_deployment_gets_replicaset_and_pending_pods(
     )
     assert rs[0]["metadata"]["ownerReferences"][0]["kind"] == "Deployment"
     pods = wait_until(
-        lambda: (p := pods_of(control_plane, namespace, "web")) if len(p) == 2 else None,
+        lambda: len(found := pods_of(control_plane, namespace, "web")) == 2 and found,
         timeout=60,
         what="two pods",
     )
@@ -168,7 +168,8 @@ def test_deployment_gets_replicaset_and_pending_pods(
             for p in pods_of(control_plane, namespace, "web")
             for c in p["status"].get("conditions", [])
         ]
-        return sum(c["type"] == "PodScheduled" and c["reason"] == "Unschedulable" for c in conditions) == 2
+        reasons = [c.get("reason") for c in conditions if c["type"] == "PodScheduled"]
+        return reasons == ["Unschedulable", "Unschedulable"]
 
     wait_until(unschedulable, timeout=60, what="the scheduler to mark both pods Unschedulable")
 
@@ -220,7 +221,9 @@ def test_server_side_apply_records_field_manager(
         "data": {"owned": "by-x"},
     }
     apply(control_plane, cm, "--server-side", "--field-manager=x")
-    got = run_json(control_plane, "get", "configmap", "ssa", "-n", namespace, "--show-managed-fields")
+    got = run_json(
+        control_plane, "get", "configmap", "ssa", "-n", namespace, "--show-managed-fields"
+    )
     managers = {(m["manager"], m["operation"]) for m in got["metadata"]["managedFields"]}
     assert ("x", "Apply") in managers
     entry = next(m for m in got["metadata"]["managedFields"] if m["manager"] == "x")

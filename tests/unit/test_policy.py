@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ class Trace:
 
     def direction_changes(self) -> int:
         moves = [d.direction for d in self.decisions if d.direction != "none"]
-        return sum(1 for a, b in zip(moves, moves[1:], strict=False) if a != b)
+        return sum(1 for a, b in itertools.pairwise(moves) if a != b)
 
     def first_time(self, predicate: Callable[[int], bool], after: float = 0.0) -> float | None:
         for t, r in zip(self.times, self.replicas, strict=True):
