@@ -6,7 +6,7 @@ MODEL ?= models/demo.gguf
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps binaries model run test test-unit lint bench bench-quick clean
+.PHONY: help setup system-deps binaries model run test test-unit lint simulate clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,9 @@ lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy server/llamaherd_server operator/llamaherd_operator
+
+simulate: setup ## replay arrival traces through the autoscaling policy (simulator/results)
+	for trace in spike ramp diurnal oscillating; do $(PY) -m simulator.fleet --trace $$trace; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

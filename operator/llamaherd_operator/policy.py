@@ -13,8 +13,9 @@ The rules, in order:
 2. **Per-signal recommendations**, each ``ceil(ready x observed / target)``, where
    ``observed`` is per ready pod; pods that are not ready do not count as capacity:
    - queue: waiting requests per ready pod against ``targetQueueDepthPerReplica``;
-   - slots: running sequences per ready pod against the pod's ``slots`` (a fleet whose slots
-     are all busy needs as many pods as it has, even with an empty queue);
+   - slots: running sequences per ready pod against 80% of the pod's ``slots`` (a fleet whose
+     slots are busy needs its pods even with an empty queue; the 20% headroom keeps a fleet
+     from being sized to exactly full, where any jitter queues);
    - latency: p95 request latency against ``targetLatencyP95Ms``, when set.
    A signal within the tolerance band (|observed / target - 1| <= 10%) recommends no change.
    The recommendation is the largest of them, clamped to [minReplicas, maxReplicas].
@@ -38,6 +39,7 @@ TOLERANCE = 0.1
 UP_FACTOR = 2.0  # +100% per period
 UP_PODS = 4  # or +4 pods, whichever is more
 BURST_FACTOR = 2.0
+SLOT_UTILIZATION_TARGET = 0.8
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,9 @@ def decide(
         "queue": signal_recommendation(
             ready, per_pod_waiting, spec.target_queue_depth, spec.tolerance
         ),
-        "slots": signal_recommendation(ready, metrics.running / ready, spec.slots, spec.tolerance),
+        "slots": signal_recommendation(
+            ready, metrics.running / ready, spec.slots * SLOT_UTILIZATION_TARGET, spec.tolerance
+        ),
     }
     if spec.target_latency_p95_s and metrics.latency_p95_s is not None:
         signals["latency"] = signal_recommendation(

@@ -1,0 +1,122 @@
+"""Reading a service's signals back from Prometheus (HTTP API, PromQL over httpx).
+
+The metric names come from the server's own contract module, so a renamed metric breaks here
+and in the contract tests, not silently in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from llamaherd_server import metrics as names
+
+from .policy import Metrics
+
+DEFAULT_SELECTOR = 'namespace="{namespace}",service="{name}"'
+
+
+class MetricsUnavailable(Exception):
+    """Prometheus failed, or has no fresh series for the service."""
+
+
+@dataclass(frozen=True)
+class Queries:
+    waiting: str
+    running: str
+    ready: str
+    freshness: str
+    latency_p95: str
+    ttft_p95: str
+
+    @classmethod
+    def for_selector(cls, selector: str, window_s: int) -> Queries:
+        sel = "{" + selector + "}"
+        window = f"{max(1, int(window_s))}s"
+
+        def p95(histogram: str) -> str:
+            return (
+                f"histogram_quantile(0.95, sum by (le) (rate({histogram}_bucket{sel}[{window}])))"
+            )
+
+        return cls(
+            waiting=f"sum({names.REQUESTS_WAITING}{sel})",
+            running=f"sum({names.REQUESTS_RUNNING}{sel})",
+            ready=f"count({names.READY}{sel} == 1)",
+            freshness=f"max(timestamp({names.REQUESTS_RUNNING}{sel}))",
+            latency_p95=p95(names.REQUEST_LATENCY),
+            ttft_p95=p95(names.TIME_TO_FIRST_TOKEN),
+        )
+
+    def all(self) -> list[str]:
+        return [
+            self.waiting,
+            self.running,
+            self.ready,
+            self.freshness,
+            self.latency_p95,
+            self.ttft_p95,
+        ]
+
+
+def selector_for(template: str, namespace: str, name: str) -> str:
+    return template.format(namespace=namespace, name=name)
+
+
+class PrometheusClient:
+    def __init__(self, http: httpx.AsyncClient, timeout_s: float = 5.0) -> None:
+        self.http = http
+        self.timeout_s = timeout_s
+
+    async def scalar(self, base_url: str, promql: str) -> float | None:
+        """The value of a single-series instant query; None for an empty result."""
+        url = base_url.rstrip("/") + "/api/v1/query"
+        try:
+            r = await self.http.get(url, params={"query": promql}, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise MetricsUnavailable(
+                f"prometheus at {base_url} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
+        if r.status_code != 200:
+            raise MetricsUnavailable(f"prometheus answered {r.status_code}: {r.text[:200]}")
+        body = r.json()
+        if body.get("status") != "success":
+            raise MetricsUnavailable(f"prometheus query failed: {body.get('error')}")
+        result = body["data"]["result"]
+        if not result:
+            return None
+        return float(result[0]["value"][1])
+
+    async def service_metrics(
+        self,
+        base_url: str,
+        queries: Queries,
+        *,
+        staleness_s: float = 60.0,
+        now: float | None = None,
+    ) -> Metrics:
+        values = await asyncio.gather(*(self.scalar(base_url, q) for q in queries.all()))
+        waiting, running, ready, fresh, latency, ttft = values
+        if waiting is None or running is None or fresh is None:
+            raise MetricsUnavailable("no series yet for the service's pods")
+        age = (time.time() if now is None else now) - fresh
+        if age > staleness_s:
+            raise MetricsUnavailable(f"metrics are stale: last sample {age:.0f}s ago")
+        return Metrics(
+            waiting=waiting,
+            running=running,
+            ready=int(ready or 0),
+            latency_p95_s=_finite(latency),
+            ttft_p95_s=_finite(ttft),
+        )
+
+
+def _finite(value: float | None) -> float | None:
+    """histogram_quantile gives NaN when no request finished in the window."""
+    if value is None or math.isnan(value) or math.isinf(value):
+        return None
+    return value

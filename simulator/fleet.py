@@ -1,0 +1,336 @@
+"""A deterministic fleet simulator: arrival traces through the real autoscaling policy.
+
+Discrete time (one step per second). Requests arrive by a seeded Poisson process whose rate
+follows a trace, wait in one queue in front of the service (the Service's load balancer),
+and run on ready replicas, each with ``slots`` slots sharing the replica's decode throughput
+at its current batch size (the engine benchmark's curve). New replicas become ready after a
+cold start; a replica being removed takes no new requests and goes once its requests finish.
+
+Three ways to size the fleet, on the same arrivals:
+- ``llamaherd``: the operator's policy (``llamaherd_operator.policy.decide``) every period,
+  fed the queue, running sequences, ready replicas and p95 latency, as Prometheus would;
+- ``fixed``: a fixed number of replicas;
+- ``hpa-cpu``: a CPU-utilization HPA (target 70%, the HPA's default behaviour: +100% or +4
+  pods per 15 s up, 300 s stabilization down, metrics a minute behind). llama.cpp keeps its
+  threads busy whenever any sequence runs, so CPU reads ~100% on a replica with one request
+  or with a full batch: it cannot see a queue.
+
+    python -m simulator.fleet --trace spike --out simulator/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llamaherd_operator.policy import History, Metrics, ScalingSpec, decide
+
+# Decode tokens/s of one replica by sequences per step, 2-core CPU, ~220M-parameter model
+# (llama-batched-bench in ../shared/FIELD-NOTES.md; bench/ measures the server's own).
+DEFAULT_THROUGHPUT = {1: 100.0, 2: 151.0, 4: 244.0, 8: 341.0, 16: 499.0}
+
+
+def throughput_at(curve: dict[int, float], batch: int) -> float:
+    """Tokens/s at ``batch`` sequences, linear between measured points."""
+    if batch <= 0:
+        return 0.0
+    xs = sorted(curve)
+    if batch >= xs[-1]:
+        return curve[xs[-1]]
+    i = bisect.bisect_left(xs, batch)
+    if xs[i] == batch:
+        return curve[batch]
+    lo, hi = xs[i - 1], xs[i]
+    return curve[lo] + (curve[hi] - curve[lo]) * (batch - lo) / (hi - lo)
+
+
+TRACES: dict[str, Callable[[float], float]] = {
+    # requests per second at time t (seconds); a 40-minute day in miniature
+    "spike": lambda t: 1.5 if t < 600 or t >= 1500 else 14.0,
+    "ramp": lambda t: 0.5 + 13.5 * min(1.0, t / 1800),
+    "diurnal": lambda t: 7.0 + 6.0 * math.sin(2 * math.pi * t / 2400 - math.pi / 2),
+    "oscillating": lambda t: 12.0 if int(t // 120) % 2 else 2.0,
+}
+
+
+@dataclass
+class Config:
+    trace: str = "spike"
+    duration_s: int = 2400
+    seed: int = 7
+    output_tokens: int = 128
+    slots: int = 16
+    cold_start_s: float = 60.0
+    period_s: float = 15.0
+    slo_latency_s: float = 10.0
+    min_replicas: int = 1
+    max_replicas: int = 8
+    target_queue_depth: float = 4.0
+    fixed_replicas: int = 2
+    hpa_target_cpu: float = 0.7
+    throughput: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_THROUGHPUT))
+
+
+@dataclass
+class Request:
+    arrival: float
+    remaining: float
+    done: float | None = None
+
+
+@dataclass
+class Replica:
+    ready_at: float
+    running: list[Request] = field(default_factory=list)
+    leaving: bool = False
+    busy_seconds: deque[int] = field(default_factory=lambda: deque(maxlen=60))
+
+
+@dataclass
+class Result:
+    policy: str
+    slo_attainment: float
+    latency_p50_s: float
+    latency_p95_s: float
+    replica_seconds: float
+    scaling_actions: int
+    requests: int
+    timeline: dict[str, list[float]]
+
+
+def arrivals(cfg: Config) -> list[float]:
+    rng = np.random.default_rng(cfg.seed)
+    rate = TRACES[cfg.trace]
+    times: list[float] = []
+    for second in range(cfg.duration_s):
+        n = rng.poisson(rate(second))
+        times.extend(sorted(second + rng.random(n)))
+    return times
+
+
+def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
+    replicas = [
+        Replica(ready_at=0.0)
+        for _ in range(cfg.fixed_replicas if policy == "fixed" else cfg.min_replicas)
+    ]
+    queue: deque[Request] = deque()
+    finished: list[Request] = []
+    spec = ScalingSpec(
+        min_replicas=cfg.min_replicas,
+        max_replicas=cfg.max_replicas,
+        target_queue_depth=cfg.target_queue_depth,
+        slots=cfg.slots,
+    )
+    history = History()
+    hpa_recommendations: deque[tuple[float, int]] = deque()
+    actions = 0
+    timeline: dict[str, list[float]] = {
+        "t": [],
+        "rate": [],
+        "replicas": [],
+        "ready": [],
+        "waiting": [],
+        "p95": [],
+    }
+    pending = deque(Request(t, cfg.output_tokens) for t in arrival_times)
+    replica_seconds = 0.0
+    for now in range(cfg.duration_s + 600):  # 10 more minutes to finish what is left
+        while pending and pending[0].arrival < now + 1:
+            queue.append(pending.popleft())
+        ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
+        # Admit: least-loaded ready replica first (a balancer that sees free slots).
+        for replica in sorted(ready, key=lambda r: len(r.running)):
+            while queue and len(replica.running) < cfg.slots:
+                replica.running.append(queue.popleft())
+        for replica in replicas:
+            if replica.ready_at > now:
+                continue
+            n = len(replica.running)
+            replica.busy_seconds.append(1 if n else 0)
+            if not n:
+                continue
+            per_sequence = throughput_at(cfg.throughput, n) / n
+            for req in list(replica.running):
+                req.remaining -= per_sequence
+                if req.remaining <= 0:
+                    req.done = now + 1
+                    replica.running.remove(req)
+                    finished.append(req)
+        replicas = [r for r in replicas if not (r.leaving and not r.running)]
+        replica_seconds += len(replicas)
+
+        if now % cfg.period_s == 0 and now < cfg.duration_s + 600 and policy != "fixed":
+            current = sum(1 for r in replicas if not r.leaving)
+            if policy == "llamaherd":
+                desired = _llamaherd(now, replicas, queue, finished, current, spec, history)
+            else:
+                desired = _hpa_cpu(cfg, now, replicas, current, hpa_recommendations)
+            if desired != current:
+                actions += 1
+                _resize(replicas, current, desired, now + cfg.cold_start_s)
+        recent = [r.done - r.arrival for r in finished[-200:] if r.done and r.done > now - 60]
+        timeline["t"].append(now)
+        timeline["rate"].append(TRACES[cfg.trace](now) if now < cfg.duration_s else 0.0)
+        timeline["replicas"].append(sum(1 for r in replicas if not r.leaving))
+        timeline["ready"].append(len(ready))
+        timeline["waiting"].append(len(queue))
+        timeline["p95"].append(float(np.percentile(recent, 95)) if recent else float("nan"))
+        if (
+            now >= cfg.duration_s
+            and not queue
+            and not pending
+            and not any(r.running for r in replicas)
+        ):
+            break
+    latencies = np.array([r.done - r.arrival for r in finished if r.done is not None])
+    return Result(
+        policy=policy,
+        slo_attainment=float(np.mean(latencies <= cfg.slo_latency_s)) if len(latencies) else 0,
+        latency_p50_s=float(np.percentile(latencies, 50)) if len(latencies) else 0.0,
+        latency_p95_s=float(np.percentile(latencies, 95)) if len(latencies) else 0.0,
+        replica_seconds=replica_seconds,
+        scaling_actions=actions,
+        requests=len(arrival_times),
+        timeline=timeline,
+    )
+
+
+def _llamaherd(
+    now: int,
+    replicas: list[Replica],
+    queue: deque[Request],
+    finished: list[Request],
+    current: int,
+    spec: ScalingSpec,
+    history: History,
+) -> int:
+    ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
+    window = [r.done - r.arrival for r in finished[-500:] if r.done and r.done > now - 60]
+    metrics = Metrics(
+        waiting=len(queue),
+        running=sum(len(r.running) for r in ready),
+        ready=len(ready),
+        latency_p95_s=float(np.percentile(window, 95)) if window else None,
+    )
+    return decide(metrics, current, float(now), spec, history).desired
+
+
+def _hpa_cpu(
+    cfg: Config,
+    now: int,
+    replicas: list[Replica],
+    current: int,
+    recommendations: deque[tuple[float, int]],
+) -> int:
+    ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
+    if not ready:
+        return current
+    # metrics-server averages a minute of CPU; llama.cpp reads busy whenever a sequence runs.
+    utilization = float(
+        np.mean([np.mean(r.busy_seconds) if r.busy_seconds else 0.0 for r in ready])
+    )
+    ratio = utilization / cfg.hpa_target_cpu
+    recommendation = current if abs(ratio - 1) <= 0.1 else math.ceil(len(ready) * ratio)
+    recommendation = max(cfg.min_replicas, min(cfg.max_replicas, recommendation))
+    recommendations.append((now, recommendation))
+    while recommendations and recommendations[0][0] < now - 300:
+        recommendations.popleft()
+    if recommendation > current:
+        return min(recommendation, max(2 * current, current + 4))
+    return min(current, max(r for _, r in recommendations))
+
+
+def _resize(replicas: list[Replica], current: int, desired: int, ready_at: float) -> None:
+    if desired > current:
+        replicas.extend(Replica(ready_at=ready_at) for _ in range(desired - current))
+        return
+    # Remove the least busy first; cold ones before warm ones.
+    active = sorted(
+        (r for r in replicas if not r.leaving), key=lambda r: (-r.ready_at, len(r.running))
+    )
+    for replica in active[: current - desired]:
+        replica.leaving = True
+
+
+def plot(results: list[Result], cfg: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    base = results[0].timeline
+    minutes = np.array(base["t"]) / 60
+    axes[0].plot(minutes, base["rate"], color="black")
+    axes[0].set_ylabel("arrivals (req/s)")
+    axes[0].set_title(
+        f"fleet simulator: trace '{cfg.trace}', {cfg.slots} slots/replica, "
+        f"cold start {cfg.cold_start_s:.0f}s"
+    )
+    for res in results:
+        t = np.array(res.timeline["t"]) / 60
+        axes[1].step(t, res.timeline["replicas"], where="post", label=res.policy)
+        axes[2].plot(t, res.timeline["p95"], label=res.policy)
+    axes[1].set_ylabel("replicas")
+    axes[1].legend(loc="upper left")
+    axes[2].axhline(cfg.slo_latency_s, color="red", linestyle="--", label="SLO")
+    axes[2].set_ylabel("p95 latency, last minute (s)")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("minutes")
+    axes[2].legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_all(cfg: Config) -> list[Result]:
+    times = arrivals(cfg)
+    return [simulate(cfg, policy, times) for policy in ("llamaherd", "fixed", "hpa-cpu")]
+
+
+def table(results: list[Result], cfg: Config) -> str:
+    lines = [
+        f"| policy | SLO attainment (latency <= {cfg.slo_latency_s:g}s) | p50 | p95 "
+        "| replica-seconds | scaling actions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        name = f"fixed ({cfg.fixed_replicas})" if r.policy == "fixed" else r.policy
+        lines.append(
+            f"| {name} | {r.slo_attainment:.1%} | {r.latency_p50_s:.1f}s | "
+            f"{r.latency_p95_s:.1f}s | {r.replica_seconds:.0f} | "
+            f"{r.scaling_actions} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace", choices=sorted(TRACES), default="spike")
+    parser.add_argument("--out", type=Path, default=Path("simulator/results"))
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    cfg = Config(trace=args.trace, seed=args.seed)
+    results = run_all(cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(results, cfg, args.out / f"fleet-{cfg.trace}.png")
+    summary = {
+        "config": asdict(cfg),
+        "results": [{k: v for k, v in asdict(r).items() if k != "timeline"} for r in results],
+    }
+    (args.out / f"fleet-{cfg.trace}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = table(results, cfg)
+    (args.out / f"fleet-{cfg.trace}.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
