@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the control-plane and tool binaries from their Go modules through the Go module proxy,
-# unattended and idempotently, into ${LLAMAHERD_CACHE:-~/.cache/llamaherd}/bin/<component>-<version>/.
+# unattended and idempotently, into
+# ${LLAMAHERD_CACHE:-~/.cache/llamaherd}/bin/<component>-<version>/.
 #
 #   kubernetes-<v>/  kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
 #   etcd-<v>/        etcd
@@ -12,8 +13,10 @@
 # installed with a rename, so an interrupted build never looks cached.
 #
 # etcd is built from go.etcd.io/etcd/server/v3 (its etcdmain package) at the version that
-# k8s.io/kubernetes' own go.mod requires, not taken from Debian: Debian's etcd-server is 3.4.23,
-# below the etcd 3.5 floor that Kubernetes 1.34 supports.
+# k8s.io/kubernetes' own go.mod requires (v3.6.4 for v1.34.4), not taken from Debian. Debian's
+# etcd-server 3.4.23 does serve kube-apiserver 1.34 here, but the apiserver then logs
+# "RequestWatchProgress feature is not supported" and gives up consistent reads from its watch
+# cache: a mode that real clusters (etcd 3.5/3.6) never run; etcd 3.4 is out of upstream support.
 #
 # Usage: hack/build-binaries.sh [kubernetes|etcd|helm|kind ...]   (default: all)
 set -euo pipefail
@@ -27,7 +30,7 @@ SRC=$CACHE/src
 export GOPATH=$CACHE/go
 export GOMODCACHE=$CACHE/go/pkg/mod
 export GOCACHE=$CACHE/go/build-cache
-export GOFLAGS="-mod=mod -buildvcs=false"
+export GOFLAGS="-mod=mod -modcacherw -buildvcs=false"
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
 # Only the module proxy is reachable from these machines, not the checksum database.
@@ -37,7 +40,9 @@ K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube
 STEP=setup
 
 log() { printf '[binaries] %s\n' "$*"; }
-fail() { printf '[binaries] FAILED at step "%s" (exit %s); see the output above\n' "$STEP" "$1" >&2; }
+fail() {
+    printf '[binaries] FAILED at step "%s" (exit %s); see the output above\n' "$STEP" "$1" >&2
+}
 trap 'rc=$?; [ $rc -eq 0 ] || fail $rc' EXIT
 
 command -v go >/dev/null || { STEP="find go"; log "go is not on PATH"; exit 1; }
@@ -48,7 +53,9 @@ cached() {
     local dir=$1 version=$2
     shift 2
     [ -x "$dir/$1" ] || return 1
-    "$dir/$1" "${@:2}" 2>&1 | grep -qF -- "$version"
+    local out
+    out=$("$dir/$1" "${@:2}" 2>&1) || return 1
+    [[ $out == *"$version"* ]]
 }
 
 # new_module DIR NAME: start a fresh wrapper module in DIR (go.sum is kept to save lookups).
@@ -65,8 +72,10 @@ install_dir() {
 
 build_kubernetes() {
     local v=$KUBERNETES_VERSION dest=$BIN/kubernetes-$KUBERNETES_VERSION
-    if cached "$dest" "$v" kube-apiserver --version && cached "$dest" "$v" kubectl version --client \
-        && cached "$dest" "$v" kubelet --version && cached "$dest" "$v" kube-scheduler --version \
+    if cached "$dest" "$v" kube-apiserver --version \
+        && cached "$dest" "$v" kubectl version --client \
+        && cached "$dest" "$v" kubelet --version \
+        && cached "$dest" "$v" kube-scheduler --version \
         && cached "$dest" "$v" kube-controller-manager --version; then
         log "kubernetes $v: cached in $dest"
         return
@@ -102,7 +111,7 @@ build_kubernetes() {
     mkdir -p "$mod/out"
     (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o out/ "${pkgs[@]}")
     STEP="kubernetes $v: check versions"
-    "$mod/out/kube-apiserver" --version | grep -qF "$v"
+    [[ $("$mod/out/kube-apiserver" --version) == *"$v"* ]]
     install_dir "$mod/out" "$dest"
     log "kubernetes $v: built into $dest"
 }
@@ -126,7 +135,7 @@ build_etcd() {
     mkdir -p "$mod/out"
     (cd "$mod" && go build -trimpath -ldflags "-s -w" -o out/etcd .)
     STEP="etcd $v: check version"
-    "$mod/out/etcd" --version | grep -qF "${v#v}"
+    [[ $("$mod/out/etcd" --version) == *"${v#v}"* ]]
     install_dir "$mod/out" "$dest"
     log "etcd $v: built into $dest"
 }
@@ -151,7 +160,7 @@ build_helm() {
         -ldflags "-s -w -X $x.version=$v -X $x.gitTreeState=clean" \
         -o out/helm helm.sh/helm/v3/cmd/helm)
     STEP="helm $v: check version"
-    "$mod/out/helm" version --short | grep -qF "$v"
+    [[ $("$mod/out/helm" version --short) == *"$v"* ]]
     install_dir "$mod/out" "$dest"
     log "helm $v: built into $dest"
 }
@@ -173,7 +182,7 @@ build_kind() {
     mkdir -p "$mod/out"
     (cd "$mod" && go build -trimpath -ldflags "-s -w" -o out/kind sigs.k8s.io/kind)
     STEP="kind $v: check version"
-    "$mod/out/kind" version | grep -qF "$v"
+    [[ $("$mod/out/kind" version) == *"$v"* ]]
     install_dir "$mod/out" "$dest"
     log "kind $v: built into $dest"
 }

@@ -8,7 +8,7 @@ CLUSTER_PY = $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 binaries: ## build kube-apiserver, etcd, kubectl, helm, kind, ... from Go modules (cached)
 	bash hack/build-binaries.sh
 
-cluster-up: binaries ## start etcd + kube-apiserver + controller-manager + scheduler on 127.0.0.1; prints the kubeconfig path last
+cluster-up: binaries ## start a control plane on 127.0.0.1 (background); last line: kubeconfig
 	@$(CLUSTER_PY) -m tests.harness.controlplane up
 
 cluster-down: ## stop the control plane that cluster-up started

@@ -612,7 +612,7 @@ def _cli_down() -> int:
         print("[cluster] not running (no state file)")
         return 0
     state = json.loads(state_file.read_text())
-    for proc in state["processes"]:
+    for proc in reversed(state["processes"]):
         _kill_group(proc["pid"], proc["executable"], timeout=15)
         for port in proc["ports"]:
             wait_port_free(port, 15)
