@@ -14,20 +14,14 @@ test that used these fixtures gets a report section naming the log folders.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-# Until pytest's `pythonpath` names the repository root, make `tests.harness` importable.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.harness import MissingBinaryError  # noqa: E402
-from tests.harness.controlplane import ControlPlane, ExistingCluster  # noqa: E402
-from tests.harness.prometheus import Prometheus  # noqa: E402
+from tests.harness import MissingBinaryError
+from tests.harness.controlplane import ControlPlane, ExistingCluster
+from tests.harness.prometheus import Prometheus
 
 
 @pytest.fixture(scope="session")
