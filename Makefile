@@ -23,11 +23,11 @@ model: setup ## generate the demo GGUF model (random weights, llama architecture
 run: model ## run the server on the demo model at http://127.0.0.1:$(PORT)
 	$(PY) -m llamaherd_server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
-test: setup system-deps binaries ## set up everything and run the whole test suite
+test: setup system-deps binaries images ## set up everything and run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: setup ## only the tests that need neither a cluster nor Prometheus
-	$(PY) -m pytest -m "not cluster and not prometheus" $(PYTEST_ARGS)
+test-unit: setup ## only the tests that need no cluster, Prometheus or Docker images
+	$(PY) -m pytest -m "not cluster and not prometheus and not images" $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
@@ -42,4 +42,8 @@ clean:
 
 # Control-plane and tool binaries (kube-apiserver, etcd, helm, kind, ...): see hack/cluster.mk.
 -include hack/cluster.mk
+# The Helm chart, manifests/install.yaml and the monitoring files generated from it.
+-include hack/chart.mk
+# Container images (dockerd, a debootstrap base, the CPU variants of both images).
+-include hack/images.mk
 -include bench/bench.mk

@@ -8,12 +8,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.harness import MissingBinaryError
+from tests.harness.controlplane import ControlPlane, ExistingCluster
+from tests.harness.prometheus import Prometheus
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = (
@@ -148,3 +152,73 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, message: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
         time.sleep(interval)
+
+
+# ---- the real control plane and Prometheus (tests/harness) -----------------------------------
+# ``control_plane`` (session): etcd + kube-apiserver + kube-controller-manager + kube-scheduler
+# on 127.0.0.1, from the binaries that ``make binaries`` builds. With
+# ``LLAMAHERD_TEST_USE_KUBECONFIG=1`` and ``KUBECONFIG`` set it uses that cluster instead
+# (``restart_apiserver`` then skips). ``prometheus`` (session): one Prometheus for the whole run;
+# tests add their own targets with ``prometheus.add_targets(<unique job>, [...])`` and remove
+# them when done. Missing binaries fail the test (``make test`` builds them first); they never
+# skip it. A failing test that used these fixtures gets a report section naming the log folders.
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane | ExistingCluster]:
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if os.environ.get("LLAMAHERD_TEST_USE_KUBECONFIG") == "1" and kubeconfig:
+        yield ExistingCluster(Path(kubeconfig))
+        return
+    plane = ControlPlane()
+    try:
+        plane.start()
+    except MissingBinaryError as exc:
+        pytest.fail(f"{exc}\n(CI runs `make test`, which runs `make binaries` first)")
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> Iterator[Prometheus]:
+    prom = Prometheus()
+    try:
+        prom.start()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield prom
+    finally:
+        prom.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        lines = [
+            funcargs[name].describe()
+            for name in ("control_plane", "prometheus")
+            if name in funcargs and hasattr(funcargs[name], "describe")
+        ]
+        if lines:
+            report.sections.append(("llamaherd harness logs", "\n".join(lines)))
+    return report
+
+
+@pytest.fixture(scope="session")
+def operator_crd(control_plane: ControlPlane | ExistingCluster) -> None:
+    """The InferenceService CRD from crds/, applied and established."""
+    crd = REPO / "crds" / "inferenceservices.llamaherd.io.yaml"
+    proc = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    assert proc.returncode == 0, proc.stderr
+    proc = control_plane.kubectl(
+        "wait", "--for=condition=Established", "crd/inferenceservices.llamaherd.io",
+        "--timeout=60s",
+    )
+    assert proc.returncode == 0, proc.stderr

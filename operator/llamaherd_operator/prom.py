@@ -101,13 +101,13 @@ class PrometheusClient:
     ) -> Metrics:
         values = await asyncio.gather(*(self.scalar(base_url, q) for q in queries.all()))
         waiting, running, ready, fresh, latency, ttft = values
-        if waiting is None or running is None or fresh is None:
+        if running is None or fresh is None:
             raise MetricsUnavailable("no series yet for the service's pods")
         age = (time.time() if now is None else now) - fresh
         if age > staleness_s:
             raise MetricsUnavailable(f"metrics are stale: last sample {age:.0f}s ago")
         return Metrics(
-            waiting=waiting,
+            waiting=waiting or 0.0,  # no priority has had a waiting request yet
             running=running,
             ready=int(ready or 0),
             latency_p95_s=_finite(latency),

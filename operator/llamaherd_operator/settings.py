@@ -34,6 +34,12 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="How often to look again for a missing PersistentVolumeClaim.",
     )
+    service_monitor_recheck_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="How often to look again whether the ServiceMonitor CRD is installed.",
+    )
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, le=600, description="Delay before retrying a failed reconcile."
     )
@@ -63,6 +69,35 @@ class OperatorSettings(BaseSettings):
         ge=0,
         le=120,
         description="Server pods sleep this long before SIGTERM, so endpoints drop them first.",
+    )
+
+    # ---- autoscaler (llamaherd_operator.autoscaler) ----
+    prometheus_url: str = Field(
+        default="http://prometheus-operated.monitoring.svc:9090",
+        description="Prometheus that scrapes the server pods; an InferenceService's "
+        "spec.autoscaling.prometheusUrl overrides it.",
+    )
+    prometheus_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=120, description="Timeout of one PromQL query."
+    )
+    autoscale_interval_seconds: float = Field(
+        default=15.0, ge=1, le=3600, description="How often each autoscaled service is sized."
+    )
+    metrics_selector: str = Field(
+        default='namespace="{namespace}",service="{name}"',
+        description="PromQL label matchers that select one InferenceService's pods; "
+        "{namespace} and {name} are filled in. The default fits the ServiceMonitor the "
+        "operator creates.",
+    )
+    metrics_staleness_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Samples older than this count as missing: the autoscaler holds.",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address of the /metrics endpoint.")
+    metrics_port: int = Field(
+        default=8081, ge=0, le=65535, description="Port of the operator's /metrics (0 = off)."
     )
 
     @property

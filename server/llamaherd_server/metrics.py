@@ -89,6 +89,8 @@ class ServerMetrics:
         self.requests_waiting = Gauge(
             REQUESTS_WAITING, "Requests waiting in the queue.", ["priority"], registry=r
         )
+        # A series from the start, so that an idle server reads 0 rather than nothing.
+        self.requests_waiting.labels(priority="0").set(0)
         self.requests_running = Gauge(
             REQUESTS_RUNNING, "Sequences holding a slot (prefilling or decoding).", registry=r
         )

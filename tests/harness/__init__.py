@@ -110,6 +110,7 @@ def wait_until(
     timeout: float,
     interval: float = 0.2,
     what: str = "condition",
+    describe: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``probe`` until it returns something truthy and return it.
 
@@ -128,5 +129,13 @@ def wait_until(
                 return value
             last = value
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+            state = ""
+            if describe is not None:
+                try:
+                    state = f"; state: {describe()}"
+                except Exception as exc:  # the description must not hide the timeout
+                    state = f"; state unknown ({exc!r})"
+            raise TimeoutError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}{state}"
+            )
         time.sleep(interval)

@@ -1,0 +1,146 @@
+"""Engine-only microbenchmark: llamaherd's Engine without HTTP, on llama-batched-bench's shapes.
+
+For each batch size B, B requests (``prompt_tokens`` random token ids each, ``ignore_eos``)
+are submitted together to an idle engine; the first step prefills all B prompts and samples
+each sequence's first token, then ``gen_tokens`` decode steps of B tokens follow, as in
+``llama-batched-bench -npp P -ntg N -npl B``. Reported per B (median of ``repeats`` runs):
+
+* ``tg_tokens_per_s``: B x gen_tokens / (last token - first token): decode speed, the number
+  to hold against batched-bench's S_TG (our sampling and streaming hand-off are inside it);
+* ``total_tokens_per_s``: (B x (prompt + gen)) / (submit - last token), against batched-bench's S.
+
+    python bench/engine_bench.py --model M.gguf --batches 1,2,4,8,16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from llamaherd_server.engine import (
+    Engine,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
+from llamaherd_server.metrics import ServerMetrics
+
+FIRST_PLAIN_TOKEN = 259
+
+
+def run_batch(engine: Engine, batch: int, prompt_tokens: int, gen_tokens: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    times: list[list[float]] = [[] for _ in range(batch)]
+    all_done = threading.Event()
+    finished: list[int] = []
+    failures: list[str] = []
+
+    def emitter(i: int) -> Any:
+        def emit(event: Any) -> None:
+            if isinstance(event, TextChunk) and event.n_tokens:
+                times[i].append(time.perf_counter())
+            elif isinstance(event, Finished | Failed):
+                if isinstance(event, Failed):
+                    failures.append(event.message)
+                finished.append(i)  # the engine thread is the only writer
+                if len(finished) == batch:
+                    all_done.set()
+
+        return emit
+
+    # One decode step per generated token after the first (sampled from the prefill logits).
+    params = SamplingParams(max_tokens=gen_tokens + 1, temperature=0.8, top_k=40, ignore_eos=True)
+    reqs = [
+        GenerationRequest(
+            prompt_tokens=[
+                rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(prompt_tokens)
+            ],
+            params=params,
+            emit=emitter(i),
+        )
+        for i in range(batch)
+    ]
+    registry = engine.metrics.registry
+    decode_before = registry.get_sample_value("llamaherd_decode_step_seconds_sum") or 0.0
+    started = time.perf_counter()
+    for req in reqs:
+        engine.submit(req)
+    if not all_done.wait(timeout=600):
+        raise RuntimeError(f"batch of {batch} did not finish in 600 s")
+    if failures:
+        raise RuntimeError(f"engine failed: {failures[0]}")
+    first = max(t[0] for t in times)
+    last = max(t[-1] for t in times)
+    decode_s = (
+        registry.get_sample_value("llamaherd_decode_step_seconds_sum") or 0.0
+    ) - decode_before
+    tg = batch * gen_tokens / (last - first)
+    total = batch * (prompt_tokens + gen_tokens) / (last - started)
+    return {
+        "tg_tokens_per_s": tg,
+        "total_tokens_per_s": total,
+        "wall_s": last - started,
+        # Share of the run spent inside llama_decode; the rest is Python, sampling, waiting.
+        "decode_fraction": decode_s / (last - started),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--gen-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--context-size", type=int, default=512)
+    parser.add_argument("--token-budget", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write results here")
+    args = parser.parse_args()
+
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = Engine(
+        args.model,
+        ServerMetrics(args.slots),
+        slots=args.slots,
+        context_size=args.context_size,
+        token_budget=args.token_budget,
+        threads=args.threads,
+    )
+    engine.load()
+    try:
+        run_batch(engine, max(batches), args.prompt_tokens, 8, seed=0)  # warm-up
+        out: dict[str, Any] = {}
+        for b in batches:
+            runs = [
+                run_batch(engine, b, args.prompt_tokens, args.gen_tokens, seed=100 * b + k)
+                for k in range(args.repeats)
+            ]
+            out[str(b)] = {
+                key: statistics.median(r[key] for r in runs)
+                for key in ("tg_tokens_per_s", "total_tokens_per_s", "wall_s", "decode_fraction")
+            }
+            out[str(b)]["runs_tg_tokens_per_s"] = [r["tg_tokens_per_s"] for r in runs]
+            print(
+                f"[engine] B={b:2d}  TG {out[str(b)]['tg_tokens_per_s']:7.1f} tok/s  "
+                f"total {out[str(b)]['total_tokens_per_s']:7.1f} tok/s  "
+                f"in llama_decode {out[str(b)]['decode_fraction']:.1%}",
+                flush=True,
+            )
+    finally:
+        engine.close()
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Turn bench/results/results.json into results.md, PNG plots and the table in bench/README.md.
+
+    python bench/report.py [bench/results]
+
+Targets are computed from the numbers, each with pass or MISS; nothing is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("llamaherd", "llama-server", "one-at-a-time")
+COLORS = {"llamaherd": "tab:blue", "llama-server": "tab:orange", "one-at-a-time": "tab:gray"}
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
+
+
+def _f(value: float | None, fmt: str = ".0f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _pcts(d: dict[str, float | None]) -> str:
+    return " / ".join(_f(d[k]) for k in ("p50", "p95", "p99"))
+
+
+def _closed(results: dict[str, Any], system: str, c: int) -> dict[str, Any] | None:
+    return results.get("closed_loop", {}).get(system, {}).get(str(c))
+
+
+def _concurrencies(results: dict[str, Any]) -> list[int]:
+    return [int(c) for c in results["meta"]["workload"]["concurrency"]]
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with the measured value, the bound and pass/MISS."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, bound: float | None, ok: bool | None, unit: str):
+        out.append({"target": name, "value": value, "bound": bound, "ok": ok, "unit": unit})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    for c in _concurrencies(results):
+        if c > 16:
+            continue
+        lh, ls = _closed(results, "llamaherd", c), _closed(results, "llama-server", c)
+        r = ratio(lh and lh["tokens_per_s"], ls and ls["tokens_per_s"])
+        ok = None if r is None else r >= 1.0
+        add(f"throughput llamaherd / llama-server, c={c}", r, 1.0, ok, "x")
+    lh, one = _closed(results, "llamaherd", 16), _closed(results, "one-at-a-time", 16)
+    r = ratio(lh and lh["tokens_per_s"], one and one["tokens_per_s"])
+    add("throughput llamaherd / one-at-a-time, c=16", r, 3.5, None if r is None else r >= 3.5, "x")
+    for c in (8, 16):
+        lh, ls = _closed(results, "llamaherd", c), _closed(results, "llama-server", c)
+        for metric, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):
+            r = ratio(lh and lh[metric]["p95"], ls and ls[metric]["p95"])
+            add(
+                f"{label} p95 llamaherd / llama-server, c={c}",
+                r,
+                1.2,
+                None if r is None else r <= 1.2,
+                "x (lower is better)",
+            )
+    engine = results.get("engine")
+    if engine:
+        rows = engine["batched_bench"]["rows"]
+        for b, ours in engine["llamaherd"].items():
+            theirs = rows.get(b)
+            r = ratio(ours["tg_tokens_per_s"], theirs and theirs["tg_tokens_per_s"])
+            add(
+                f"engine-only decode tok/s / llama-batched-bench S_TG, B={b}",
+                r,
+                0.95,
+                None if r is None else r >= 0.95,
+                "x",
+            )
+    lh_peak = _peak_rss(results, "llamaherd")
+    ls_peak = _peak_rss(results, "llama-server")
+    py = (results.get("python_baseline_rss_kb") or {}).get("imports")
+    if lh_peak and ls_peak and py:
+        bound = 1.3 * ls_peak + py
+        add(
+            "RSS under load: llamaherd <= 1.3 x llama-server + Python baseline",
+            lh_peak / 1024,
+            bound / 1024,
+            lh_peak <= bound,
+            "MiB",
+        )
+    return out
+
+
+def _peak_rss(results: dict[str, Any], system: str) -> int | None:
+    points = results.get("closed_loop", {}).get(system, {})
+    peaks = [p["rss_peak_kb"] for p in points.values() if p.get("rss_peak_kb")]
+    return max(peaks) if peaks else None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    w = meta["workload"]
+    cfg = meta["server_config"]
+    lines = [
+        f"# Serving benchmark results ({meta['mode']} run)",
+        "",
+        f"- Started {meta['started']}, took {meta.get('duration_s', '?')} s; "
+        f"git {m['git_commit']}.",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']} (no GPU).",
+        f"- Load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
+        f"{meta.get('loadavg_end')}; each point's 1-min load is in the table.",
+        f"- Model: generated llama-architecture GGUF, {results['meta']['model']['params_m']}M "
+        f"parameters, F16, random weights.",
+        f"- Servers: {cfg['slots']} slots x {cfg['context_per_slot']} tokens, {cfg['threads']} "
+        f"threads, batch {cfg['batch']}. Requests: {w['prompt_tokens']} prompt tokens (random ids, "
+        f"unique per request), {w['max_tokens']} output tokens (`ignore_eos`), top-k "
+        f"{w['top_k']} + temperature {w['temperature']}, streamed.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | bound | result |",
+        "|---|---|---|---|",
+    ]
+    for t in targets(results):
+        verdict = "n/a" if t["ok"] is None else ("pass" if t["ok"] else "**MISS**")
+        fmt = ".0f" if t["unit"] == "MiB" else ".2f"
+        bound = _f(t["bound"], fmt)
+        if t["unit"].startswith("x (lower"):
+            bound = f"<= {bound}"
+        elif t["unit"] == "MiB":
+            bound = f"<= {bound} MiB"
+        else:
+            bound = f">= {bound}"
+        lines.append(f"| {t['target']} | {_f(t['value'], fmt)} | {bound} | {verdict} |")
+
+    lines += [
+        "",
+        "## Closed loop (concurrency sweep)",
+        "",
+        "Latencies in ms as p50 / p95 / p99, measured by the client. Mean batch: sequences per "
+        "llama_decode (llamaherd: `llamaherd_batch_size`; llama-server: busy slots per decode).",
+        "",
+        "| c | system | tok/s | req/s | TTFT | ITL | end-to-end | mean batch | peak RSS MiB "
+        "| ok | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in _concurrencies(results):
+        for s in SYSTEMS:
+            p = _closed(results, s, c)
+            if p is None:
+                continue
+            batch = p.get("batch") or {}
+            lines.append(
+                f"| {c} | {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
+                f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
+                f"{_f(batch.get('mean'), '.1f')} | {p['rss_peak_kb'] / 1024:.0f} | "
+                f"{p['ok']}/{p['requests']} | {p['loadavg_before'][0]} |"
+            )
+    lines += [
+        "",
+        "Throughput ratios:",
+        "",
+        "| c | llamaherd / llama-server | llamaherd / one-at-a-time |",
+        "|---|---|---|",
+    ]
+    for c in _concurrencies(results):
+        lh, ls, one = (_closed(results, s, c) for s in SYSTEMS)
+        r1 = lh and ls and lh["tokens_per_s"] / ls["tokens_per_s"]
+        r2 = lh and one and lh["tokens_per_s"] / one["tokens_per_s"]
+        lines.append(f"| {c} | {_f(r1, '.2f')} | {_f(r2, '.2f')} |")
+
+    dists = [
+        (c, p["batch"])
+        for c in _concurrencies(results)
+        if (p := _closed(results, "llamaherd", c)) and p.get("batch")
+    ]
+    if dists:
+        lines += [
+            "",
+            "llamaherd batch-size distribution (decode steps per `llamaherd_batch_size` bucket, "
+            "`le` = upper bound):",
+            "",
+            "| c | steps | distribution |",
+            "|---|---|---|",
+        ]
+        for c, d in dists:
+            dist = ", ".join(f"<={le}: {n}" for le, n in d["le_counts"].items())
+            lines.append(f"| {c} | {d['steps']} | {dist} |")
+
+    if results.get("open_loop"):
+        ol = w.get("open_loop") or {}
+        lines += [
+            "",
+            f"## Open loop (Poisson arrivals, {ol.get('rate_rps')} requests/s, "
+            f"{ol.get('requests')} requests)",
+            "",
+            "Latency counts from the scheduled arrival.",
+            "",
+            "| system | tok/s | req/s | TTFT | ITL | end-to-end | ok | load |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in SYSTEMS:
+            p = results["open_loop"].get(s)
+            if p:
+                lines.append(
+                    f"| {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
+                    f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
+                    f"{p['ok']}/{p['requests']} | {p['loadavg_before'][0]} |"
+                )
+
+    engine = results.get("engine")
+    if engine:
+        rows = engine["batched_bench"]["rows"]
+        lines += [
+            "",
+            "## Engine only (no HTTP): 32-token prompts, 48 generated tokens per sequence",
+            "",
+            "Decode tok/s = B x 48 / time from first to last generated token (llamaherd, sampling "
+            "and streaming hand-off included) against llama-batched-bench's S_TG; total = all "
+            "prompt and generated tokens over the whole run (S). Medians of the runs.",
+            "",
+            "| B | llamaherd decode tok/s | batched-bench S_TG | ratio | llamaherd total tok/s "
+            "| batched-bench S |",
+            "|---|---|---|---|---|---|",
+        ]
+        for b, ours in engine["llamaherd"].items():
+            theirs = rows.get(b, {})
+            tg = theirs.get("tg_tokens_per_s")
+            lines.append(
+                f"| {b} | {ours['tg_tokens_per_s']:.1f} | {_f(tg, '.1f')} | "
+                f"{_f(tg and ours['tg_tokens_per_s'] / tg, '.2f')} | "
+                f"{ours['total_tokens_per_s']:.1f} | "
+                f"{_f(theirs.get('total_tokens_per_s'), '.1f')} |"
+            )
+        lines += ["", f"`{engine['batched_bench']['argv']}`"]
+
+    py = results.get("python_baseline_rss_kb") or {}
+    lines += [
+        "",
+        "## Memory (VmRSS, MiB)",
+        "",
+        "| system | after load | idle after warm-up | peak under load |",
+        "|---|---|---|---|",
+    ]
+    for s in SYSTEMS:
+        info = results["systems"].get(s)
+        if not info:
+            continue
+        lines.append(
+            f"| {s} | {_f((info.get('rss_ready_kb') or 0) / 1024)} | "
+            f"{_f((info.get('rss_idle_kb') or 0) / 1024)} | "
+            f"{_f((_peak_rss(results, s) or 0) / 1024)} |"
+        )
+    lines += [
+        "",
+        f"Python baseline: bare interpreter {_f((py.get('bare') or 0) / 1024)} MiB; with the "
+        f"server's imports (llamaherd_server.api, llama_cpp, uvicorn) and no model "
+        f"{_f((py.get('imports') or 0) / 1024)} MiB.",
+        "",
+        "Plots: `throughput.png`, `latency.png`, `engine.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    conc = _concurrencies(results)
+    present = [s for s in SYSTEMS if results["closed_loop"].get(s)]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in present:
+        xs = [c for c in conc if _closed(results, s, c)]
+        ys = [_closed(results, s, c)["tokens_per_s"] for c in xs]  # type: ignore[index]
+        ax.plot(xs, ys, marker="o", label=s, color=COLORS[s])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(conc, [str(c) for c in conc])
+    ax.set_xlabel("concurrent streams (closed loop)")
+    ax.set_ylabel("output tokens/s (aggregate)")
+    ax.set_title("Throughput vs concurrency")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"p50": "-", "p95": "--", "p99": ":"}
+    for ax, (metric, title) in zip(
+        axes, (("ttft_ms", "Time to first token"), ("itl_ms", "Inter-token latency")), strict=True
+    ):
+        for s in present:
+            xs = [c for c in conc if _closed(results, s, c)]
+            for q, style in styles.items():
+                ys = [_closed(results, s, c)[metric][q] for c in xs]  # type: ignore[index]
+                ax.plot(xs, ys, style, marker="o", markersize=3, color=COLORS[s], label=f"{s} {q}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent streams (closed loop)")
+        ax.set_ylabel("ms (log scale)")
+        ax.set_title(f"{title}: p50 solid, p95 dashed, p99 dotted")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=len(present))
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+
+    engine = results.get("engine")
+    if engine:
+        rows = engine["batched_bench"]["rows"]
+        bs = list(engine["llamaherd"])
+        x = list(range(len(bs)))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ours = [engine["llamaherd"][b]["tg_tokens_per_s"] for b in bs]
+        theirs = [rows.get(b, {}).get("tg_tokens_per_s", 0) for b in bs]
+        ax.bar([i - 0.2 for i in x], ours, 0.4, label="llamaherd Engine", color="tab:blue")
+        ax.bar([i + 0.2 for i in x], theirs, 0.4, label="llama-batched-bench", color="tab:orange")
+        ax.set_xticks(x, bs)
+        ax.set_xlabel("sequences per decode (B)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title("Engine only, no HTTP: 32-token prompts, 48 new tokens")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "engine.png", dpi=110)
+        plt.close(fig)
+
+
+def update_readme(readme: Path, table: str) -> None:
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    plots(results, out)
+    if results["meta"]["mode"] == "full":
+        body = md.split("\n", 2)[2].replace("\n## ", "\n### ")
+        update_readme(out.parent / "README.md", body)
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    results = json.loads((out / "results.json").read_text())
+    write_report(results, out)
+    print(f"wrote {out}/results.md and plots")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+"""Serving benchmark: llamaherd against llama-server and one-at-a-time serving.
+
+    python bench/run.py            # full run (make bench)
+    python bench/run.py --quick    # fewer points and requests (make bench-quick)
+
+Starts the three servers on the same generated model (loopback ports), warms them up, then
+sweeps closed-loop concurrency (systems take turns at every point, so a change in background
+load hits all three alike), runs an open-loop Poisson point, the engine-only microbenchmark and
+llama-batched-bench, and writes ``results.json``, ``results.md`` and plots (see report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen
+import report
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd"))
+PYTHON = sys.executable
+SLOTS = 16
+CONTEXT = 512
+THREADS = 2
+BATCH = 512
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class RssSampler:
+    """Samples a process's RSS every ``interval`` seconds in a thread; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kb(self.pid) or 0)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_kb(self.pid) or 0)
+
+
+@dataclass
+class Server:
+    name: str
+    label: str
+    argv: list[str]
+    port: int
+    ready_path: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log(f"starting {self.name}: {' '.join(self.argv)}")
+        out = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        out.close()
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(trust_env=False, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{tail}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(self.base + self.ready_path).status_code == 200:
+                        return
+                time.sleep(0.25)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def scrape(self) -> str | None:
+        try:
+            r = httpx.get(self.base + "/metrics", timeout=5.0, trust_env=False)
+        except httpx.HTTPError:
+            return None
+        return r.text if r.status_code == 200 else None
+
+
+# ---- server metrics ------------------------------------------------------------------
+
+
+def llamaherd_hist(text: str | None, name: str) -> dict[str, Any] | None:
+    """Cumulative buckets, sum and count of one llamaherd histogram."""
+    if text is None:
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        buckets: dict[str, float] = {}
+        total = count = 0.0
+        for s in family.samples:
+            if s.name.endswith("_bucket"):
+                buckets[s.labels["le"]] = s.value
+            elif s.name.endswith("_sum"):
+                total = s.value
+            elif s.name.endswith("_count"):
+                count = s.value
+        return {"buckets": buckets, "sum": total, "count": count}
+    return None
+
+
+def batch_distribution(before: dict | None, after: dict | None) -> dict[str, Any] | None:
+    """Per-bucket decode-step counts of one load point (difference of two scrapes)."""
+    if before is None or after is None:
+        return None
+    count = after["count"] - before["count"]
+    if count <= 0:
+        return None
+    old = before["buckets"]
+    cumulative = {le: n - old.get(le, 0.0) for le, n in after["buckets"].items()}
+    les = sorted(cumulative, key=lambda le: float("inf") if le == "+Inf" else float(le))
+    dist: dict[str, int] = {}
+    prev = 0.0
+    for le in les:
+        n = cumulative[le] - prev
+        prev = cumulative[le]
+        if n > 0:
+            dist[le] = int(n)
+    return {"steps": int(count), "mean": (after["sum"] - before["sum"]) / count, "le_counts": dist}
+
+
+def llama_server_decodes(text: str | None) -> dict[str, float] | None:
+    """n_decode_total and busy slots summed over decodes, from llama-server's /metrics."""
+    if text is None:
+        return None
+    values = {}
+    for line in text.splitlines():
+        m = re.match(r"^llamacpp:(\w+) ([0-9.eE+-]+)$", line)
+        if m:
+            values[m.group(1)] = float(m.group(2))
+    n = values.get("n_decode_total")
+    per = values.get("n_busy_slots_per_decode")
+    if n is None or per is None:
+        return None
+    return {"decodes": n, "busy": n * per}
+
+
+def llama_server_batch(before: dict | None, after: dict | None) -> dict[str, Any] | None:
+    if before is None or after is None:
+        return None
+    steps = after["decodes"] - before["decodes"]
+    if steps <= 0:
+        return None
+    return {"steps": int(steps), "mean": (after["busy"] - before["busy"]) / steps}
+
+
+# ---- phases --------------------------------------------------------------------------
+
+
+def ensure_model() -> Path:
+    path = CACHE / "models" / "bench-seed0.gguf"
+    if not path.exists():
+        log(f"generating the bench model (~220M parameters, F16) at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "llamaherd_server.ggufgen",
+                "--preset",
+                "bench",
+                "--seed",
+                "0",
+                "--out",
+                str(path),
+            ],
+            check=True,
+        )
+    return path
+
+
+def ensure_binaries() -> Path:
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "build_llama_server.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
+    ports = [free_port() for _ in range(3)]
+    return [
+        Server(
+            "llamaherd",
+            "llamaherd (continuous batching)",
+            [
+                PYTHON,
+                "-m",
+                "llamaherd_server",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports[0]),
+                "--slots",
+                str(SLOTS),
+                "--context-size",
+                str(CONTEXT),
+                "--threads",
+                str(THREADS),
+                "--token-budget",
+                str(BATCH),
+                "--log-level",
+                "warning",
+            ],
+            ports[0],
+            "/ready",
+            logdir / "llamaherd.log",
+        ),
+        Server(
+            "llama-server",
+            "llama-server (llama.cpp, same source)",
+            [
+                str(bindir / "llama-server"),
+                "-m",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports[1]),
+                "-np",
+                str(SLOTS),
+                "-c",
+                str(SLOTS * CONTEXT),
+                "-t",
+                str(THREADS),
+                "-tb",
+                str(THREADS),
+                "-b",
+                str(BATCH),
+                "-ub",
+                str(BATCH),
+                "--kv-unified",
+                "--no-webui",
+                "--metrics",
+                "--cache-ram",
+                "0",
+            ],
+            ports[1],
+            "/health",
+            logdir / "llama-server.log",
+        ),
+        Server(
+            "one-at-a-time",
+            "one-at-a-time (llama_cpp.Llama behind a lock)",
+            [
+                PYTHON,
+                str(ROOT / "bench" / "baseline_server.py"),
+                "--model",
+                str(model),
+                "--port",
+                str(ports[2]),
+                "--context-size",
+                str(CONTEXT),
+                "--threads",
+                str(THREADS),
+                "--batch",
+                str(BATCH),
+            ],
+            ports[2],
+            "/health",
+            logdir / "one-at-a-time.log",
+        ),
+    ]
+
+
+def python_baseline_rss() -> dict[str, int | None]:
+    """RSS of a bare interpreter, and of one that imported the server's stack (no model)."""
+    out: dict[str, int | None] = {}
+    code = {
+        "bare": "import sys; print('up', flush=True); sys.stdin.read()",
+        "imports": "import llamaherd_server.api, llama_cpp, uvicorn, sys; "
+        "print('up', flush=True); sys.stdin.read()",
+    }
+    for name, src in code.items():
+        proc = subprocess.Popen(
+            [PYTHON, "-c", src], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        proc.stdout.readline()
+        out[name] = rss_kb(proc.pid)
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    return out
+
+
+async def warm_up(server: Server, workload: loadgen.Workload, model_name: str) -> None:
+    warm = loadgen.Workload(
+        prompt_tokens=workload.prompt_tokens, max_tokens=8, seed=workload.seed + 99
+    )
+    results, _ = await loadgen.closed_loop(
+        server.base + "/v1/completions",
+        lambda i: warm.payload(i, model_name),
+        concurrency=4,
+        n_requests=4,
+        time_limit_s=300,
+    )
+    bad = [r.error for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{server.name}: warm-up failed: {bad[0]}")
+
+
+async def run_point(
+    server: Server,
+    workload: loadgen.Workload,
+    model_name: str,
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    n_requests: int,
+    first_index: int,
+) -> dict[str, Any]:
+    url = server.base + "/v1/completions"
+    before_text = server.scrape()
+    load_before = loadavg()
+    with RssSampler(server.pid) as rss:
+        if rate is None:
+            assert concurrency is not None
+            results, wall = await loadgen.closed_loop(
+                url,
+                lambda i: workload.payload(i, model_name),
+                concurrency=concurrency,
+                n_requests=n_requests,
+                first_index=first_index,
+            )
+        else:
+            results, wall = await loadgen.open_loop(
+                url,
+                lambda i: workload.payload(i, model_name),
+                rate=rate,
+                n_requests=n_requests,
+                first_index=first_index,
+            )
+    after_text = server.scrape()
+    summary = loadgen.summarize(results, wall, workload.max_tokens)
+    summary["rss_peak_kb"] = rss.peak
+    summary["loadavg_before"] = load_before
+    summary["loadavg_after"] = loadavg()
+    if server.name == "llamaherd":
+        summary["batch"] = batch_distribution(
+            llamaherd_hist(before_text, "llamaherd_batch_size"),
+            llamaherd_hist(after_text, "llamaherd_batch_size"),
+        )
+        # Share of the wall time the engine spent inside llama_decode (the rest: Python).
+        d0 = llamaherd_hist(before_text, "llamaherd_decode_step_seconds")
+        d1 = llamaherd_hist(after_text, "llamaherd_decode_step_seconds")
+        if d0 and d1 and summary["batch"]:
+            summary["batch"]["decode_busy_fraction"] = (d1["sum"] - d0["sum"]) / wall
+    elif server.name == "llama-server":
+        summary["batch"] = llama_server_batch(
+            llama_server_decodes(before_text), llama_server_decodes(after_text)
+        )
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    def ms(key: str) -> str:
+        v = summary[key]["p50"]
+        return "-" if v is None else f"{v:.0f}"
+
+    return (
+        f"{summary['tokens_per_s']:6.1f} tok/s  TTFT p50 {ms('ttft_ms')} ms  "
+        f"ITL p50 {ms('itl_ms')} ms  ok {summary['ok']}/{summary['requests']}  "
+        f"load {summary['loadavg_before'][0]}"
+    )
+
+
+def run_engine_bench(model: Path, batches: list[int], repeats: int, tmp: Path) -> dict[str, Any]:
+    out = tmp / "engine.json"
+    subprocess.run(
+        [
+            PYTHON,
+            str(ROOT / "bench" / "engine_bench.py"),
+            "--model",
+            str(model),
+            "--batches",
+            ",".join(map(str, batches)),
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(THREADS),
+            "--slots",
+            str(SLOTS),
+            "--context-size",
+            str(CONTEXT),
+            "--token-budget",
+            str(BATCH),
+            "--json",
+            str(out),
+        ],
+        check=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    return json.loads(out.read_text())
+
+
+def parse_batched_bench(text: str) -> dict[str, dict[str, float]]:
+    """Rows of llama-batched-bench's markdown table, keyed by B."""
+    rows: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 10 or not cells[0].isdigit():
+            continue
+        pp, tg, b, _nkv, _t_pp, s_pp, _t_tg, s_tg, t, s = cells
+        rows[b] = {
+            "pp": float(pp),
+            "tg": float(tg),
+            "pp_tokens_per_s": float(s_pp),
+            "tg_tokens_per_s": float(s_tg),
+            "total_tokens_per_s": float(s),
+            "t_s": float(t),
+        }
+    return rows
+
+
+def run_batched_bench(
+    bindir: Path, model: Path, batches: list[int], repeats: int
+) -> dict[str, Any]:
+    argv = [str(bindir / "llama-batched-bench"), "-m", str(model), "-c", str(SLOTS * CONTEXT)]
+    argv += ["-b", str(BATCH), "-ub", str(BATCH), "-npp", "32", "-ntg", "48"]
+    argv += ["-npl", ",".join(map(str, batches)), "-t", str(THREADS), "-tb", str(THREADS)]
+    argv.append("--kv-unified")
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+        runs.append(parse_batched_bench(out.stdout + out.stderr))
+    rows: dict[str, dict[str, Any]] = {}
+    for b in runs[0]:
+        vals = [r[b] for r in runs if b in r]
+        rows[b] = {
+            key: sorted(v[key] for v in vals)[len(vals) // 2]
+            for key in ("tg_tokens_per_s", "total_tokens_per_s", "pp_tokens_per_s")
+        }
+        rows[b]["runs_tg_tokens_per_s"] = [v["tg_tokens_per_s"] for v in vals]
+    return {"argv": " ".join(argv), "rows": rows}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    import llama_cpp
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "git_commit": commit,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        concurrencies = [1, 4, 16]
+        engine_batches = [1, 4, 16]
+        repeats = 1
+    else:
+        concurrencies = [1, 2, 4, 8, 16, 32]
+        engine_batches = [1, 2, 4, 8, 16]
+        repeats = 3
+    if args.concurrency:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    def n_requests(c: int) -> int:
+        if args.requests:
+            return args.requests
+        return max(8, c) if args.quick else max(24, 4 * c)
+
+    workload = loadgen.Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+    model = ensure_model()
+    model_name = model.stem
+    bindir = ensure_binaries()
+    started = dt.datetime.now(dt.UTC)
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": "quick" if args.quick else "full",
+            "started": started.isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "model": {"path": str(model), "params_m": 219.7, "dtype": "f16"},
+            "workload": {
+                "prompt_tokens": workload.prompt_tokens,
+                "max_tokens": workload.max_tokens,
+                "temperature": workload.temperature,
+                "top_k": workload.top_k,
+                "concurrency": concurrencies,
+                "requests_per_point": {str(c): n_requests(c) for c in concurrencies},
+                "open_loop": None
+                if args.quick
+                else {"rate_rps": args.open_rate, "requests": args.open_requests},
+            },
+            "server_config": {
+                "slots": SLOTS,
+                "context_per_slot": CONTEXT,
+                "threads": THREADS,
+                "batch": BATCH,
+            },
+            "loadavg_start": loadavg(),
+        },
+        "systems": {},
+        "closed_loop": {},
+        "open_loop": {},
+    }
+    log(f"machine load average at start: {loadavg()}")
+    results["python_baseline_rss_kb"] = python_baseline_rss()
+
+    if not args.skip_engine:
+        log("engine-only microbenchmark (llamaherd Engine, no HTTP)")
+        results["engine"] = {
+            "llamaherd": run_engine_bench(model, engine_batches, repeats, args.tmp),
+            "batched_bench": run_batched_bench(bindir, model, engine_batches, repeats),
+            "loadavg_after": loadavg(),
+        }
+
+    servers = make_servers(model, bindir, args.tmp)
+    if args.systems:
+        keep = set(args.systems.split(","))
+        servers = [s for s in servers if s.name in keep]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready()
+            s.info = {"label": s.label, "argv": s.argv, "rss_ready_kb": rss_kb(s.pid)}
+            results["systems"][s.name] = s.info
+            results["closed_loop"][s.name] = {}
+        for s in servers:
+            await warm_up(s, workload, model_name)
+            time.sleep(1.0)
+            s.info["rss_idle_kb"] = rss_kb(s.pid)
+            log(f"{s.name} ready, idle RSS {s.info['rss_idle_kb'] / 1024:.0f} MiB")
+        index = 0
+        for k, c in enumerate(concurrencies):
+            # Take turns, rotating who goes first, so that drift in load is shared.
+            order = servers[k % len(servers) :] + servers[: k % len(servers)]
+            for s in order:
+                summary = await run_point(
+                    s,
+                    workload,
+                    model_name,
+                    concurrency=c,
+                    rate=None,
+                    n_requests=n_requests(c),
+                    first_index=index,
+                )
+                results["closed_loop"][s.name][str(c)] = summary
+                log(f"c={c:2d} {s.name:14s} {describe(summary)}")
+            index += n_requests(c)
+        if not args.quick:
+            for s in servers:
+                summary = await run_point(
+                    s,
+                    workload,
+                    model_name,
+                    concurrency=None,
+                    rate=args.open_rate,
+                    n_requests=args.open_requests,
+                    first_index=index,
+                )
+                results["open_loop"][s.name] = summary
+                log(f"open loop {args.open_rate}/s {s.name:14s} {describe(summary)}")
+        for s in servers:
+            s.info["rss_idle_after_kb"] = rss_kb(s.pid)
+    finally:
+        for s in servers:
+            s.stop()
+    results["meta"]["loadavg_end"] = loadavg()
+    results["meta"]["duration_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())
+    return results
+
+
+def main() -> None:
+    global THREADS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer points and requests")
+    parser.add_argument(
+        "--out", type=Path, help="default: bench/results (full), bench/results/quick (quick)"
+    )
+    parser.add_argument("--concurrency", help="comma-separated list (overrides the mode's)")
+    parser.add_argument("--requests", type=int, help="requests per point (overrides the mode's)")
+    parser.add_argument("--systems", help="comma-separated subset of the three systems")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--open-rate", type=float, default=4.0, help="open loop, requests/s")
+    parser.add_argument("--open-requests", type=int, default=48)
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (debugging only)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the server logs")
+    args = parser.parse_args()
+    THREADS = args.threads
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / ("quick" if args.quick else "")
+    args.tmp = Path(tempfile.mkdtemp(prefix="llamaherd-bench-"))
+    try:
+        results = asyncio.run(main_async(args))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        report.write_report(results, args.out)
+        log(f"wrote {args.out}/results.json, results.md and plots")
+        print((args.out / "results.md").read_text())
+    finally:
+        if args.keep_logs:
+            log(f"server logs kept in {args.tmp}")
+        else:
+            shutil.rmtree(args.tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

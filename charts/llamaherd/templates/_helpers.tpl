@@ -1,0 +1,73 @@
+{{/* Chart name, cut to 63 characters. */}}
+{{- define "llamaherd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the operator's objects: <release>-<chart>, or the release name alone when it
+already contains the chart name. */}}
+{{- define "llamaherd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llamaherd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "llamaherd.labels" -}}
+helm.sh/chart: {{ include "llamaherd.chart" . }}
+{{ include "llamaherd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llamaherd
+{{- end }}
+
+{{/* Labels that pick the operator's pod (never change them: Deployment selectors are immutable). */}}
+{{- define "llamaherd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llamaherd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "llamaherd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llamaherd.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llamaherd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The ClusterRole rules of operator/rbac.yaml (copied byte for byte to files/rbac.yaml). */}}
+{{- define "llamaherd.clusterRoleRules" -}}
+{{- $rules := list }}
+{{- range $doc := regexSplit "(?m)^---\\s*$" (.Files.Get "files/rbac.yaml") -1 }}
+{{- $object := fromYaml $doc }}
+{{- if eq (get $object "kind") "ClusterRole" }}
+{{- $rules = get $object "rules" }}
+{{- end }}
+{{- end }}
+{{- if not $rules }}
+{{- fail "files/rbac.yaml holds no ClusterRole with rules: run `make chart`" }}
+{{- end }}
+{{- toYaml $rules }}
+{{- end }}
+
+{{/* Labels of the monitoring objects. */}}
+{{- define "llamaherd.monitoringLabels" -}}
+{{ include "llamaherd.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,163 @@
+"""The one module that talks to the Kubernetes API (besides kopf itself), through lightkube.
+
+Every write is a server-side apply with the field manager ``llamaherd-operator`` and ``force``:
+the operator owns the fields it sets, and a person's ``kubectl edit`` of one of them is put back
+at the next reconcile. Manifests come in as plain dicts from :mod:`llamaherd_operator.builders`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightkube import ApiError, AsyncClient, codecs
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import PersistentVolumeClaim, Pod
+from lightkube.resources.policy_v1 import PodDisruptionBudget
+
+from llamaherd_operator import names
+
+try:  # lightkube 1.x speaks HTTP through httpx2, older releases through httpx
+    import httpx2 as http
+except ImportError:  # pragma: no cover
+    import httpx as http  # type: ignore[no-redef]
+
+InferenceService = create_namespaced_resource(names.GROUP, names.VERSION, names.KIND, names.PLURAL)
+ServiceMonitor = create_namespaced_resource(
+    "monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"
+)
+SERVICE_MONITOR_CRD = "servicemonitors.monitoring.coreos.com"
+
+# What a call to the API may raise: an answer that is an error, or no answer at all.
+KubeError = (ApiError, http.HTTPError)
+
+__all__ = [
+    "ApiError",
+    "InferenceService",
+    "Kube",
+    "KubeError",
+    "ServiceMonitor",
+    "is_invalid",
+    "is_transient",
+]
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return dict(obj.to_dict()) if hasattr(obj, "to_dict") else dict(obj)
+
+
+def status_code(err: BaseException) -> int | None:
+    if isinstance(err, ApiError):
+        return int(err.status.code or 0)
+    return None
+
+
+def is_invalid(err: BaseException) -> bool:
+    """The API server refuses the object itself: retrying the same request cannot help.
+
+    Besides 400 and 422, a 500 that says the object could not be converted is one too: the API
+    server answers that way to a malformed value inside a typed field (a quantity like "lots").
+    """
+    code = status_code(err)
+    if code in (400, 422):
+        return True
+    message = str(err.status.message or "") if isinstance(err, ApiError) else ""
+    return code == 500 and "unable to convert" in message
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: conflicts, throttling, server trouble, the connection itself."""
+    code = status_code(err)  # checked first: an ApiError is an HTTPError too
+    if code is not None:
+        return (code in (409, 429) or code >= 500) and not is_invalid(err)
+    return isinstance(err, http.HTTPError)
+
+
+class Kube:
+    """Async access to exactly the objects the operator reads and writes."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls, request_timeout: float = 30.0) -> Kube:
+        """A client from $KUBECONFIG, ~/.kube/config or the in-cluster service account."""
+        timeout = http.Timeout(request_timeout, connect=10.0)
+        return cls(AsyncClient(field_manager=names.FIELD_MANAGER, timeout=timeout))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply one manifest; returns the object as the API server has it now."""
+        obj = codecs.from_dict(dict(manifest))
+        applied = await self.client.apply(obj, field_manager=names.FIELD_MANAGER, force=True)
+        return _as_dict(applied)
+
+    async def delete_pdb(self, namespace: str, name: str) -> bool:
+        """Delete the PodDisruptionBudget if there is one; True when one was deleted."""
+        try:
+            await self.client.delete(PodDisruptionBudget, name, namespace=namespace)
+        except ApiError as err:
+            if status_code(err) == 404:
+                return False
+            raise
+        return True
+
+    async def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(InferenceService, namespace, name)
+
+    async def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(Deployment, namespace, name)
+
+    async def pvc_exists(self, namespace: str, name: str) -> bool:
+        return await self._get(PersistentVolumeClaim, namespace, name) is not None
+
+    async def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [
+            _as_dict(pod)
+            async for pod in self.client.list(Pod, namespace=namespace, labels=dict(labels))
+        ]
+
+    async def service_monitors_served(self) -> bool:
+        """Whether the Prometheus operator's ServiceMonitor v1 is served (its CRD exists)."""
+        try:
+            crd = await self.client.get(CustomResourceDefinition, SERVICE_MONITOR_CRD)
+        except ApiError as err:
+            if status_code(err) == 404:
+                return False
+            raise
+        return any(version.name == "v1" and version.served for version in crd.spec.versions)
+
+    async def apply_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Server-side apply the operator's part of ``.status``; None if the object is gone."""
+        # lightkube types generic status objects as resources, not subresources: hence Any.
+        obj: Any = InferenceService.Status(
+            apiVersion=names.API_VERSION,
+            kind=names.KIND,
+            metadata=ObjectMeta(name=name, namespace=namespace),
+            status=dict(status),
+        )
+        try:
+            applied = await self.client.apply(
+                obj, name, namespace=namespace, field_manager=names.FIELD_MANAGER, force=True
+            )
+        except ApiError as err:
+            if status_code(err) == 404:
+                return None
+            raise
+        return _as_dict(applied)
+
+    async def _get(self, resource: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.client.get(resource, name, namespace=namespace)
+        except ApiError as err:
+            if status_code(err) == 404:
+                return None
+            raise
+        return _as_dict(obj)
