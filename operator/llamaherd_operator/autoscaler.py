@@ -16,6 +16,10 @@ What it writes to ``.status`` (field manager ``llamaherd-autoscaler``, so it nev
 reconcile over fields): ``queueDepth``, ``latencyP95Ms``, ``lastScaleTime``, the last 10
 ``scalingDecisions`` that changed the size, and the ``ScalingActive`` condition. Every change of
 size, and every change of the reason it holds, is a Kubernetes Event with the numbers.
+
+kopf puts a finalizer on objects that have a timer (to stop it cleanly), so an autoscaled
+InferenceService needs the operator running to be deleted; docs/autoscaling.md says how to
+remove it by hand after an uninstall.
 """
 
 from __future__ import annotations
