@@ -218,7 +218,9 @@ def operator_crd(control_plane: ControlPlane | ExistingCluster) -> None:
     proc = control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     assert proc.returncode == 0, proc.stderr
     proc = control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/inferenceservices.llamaherd.io",
+        "wait",
+        "--for=condition=Established",
+        "crd/inferenceservices.llamaherd.io",
         "--timeout=60s",
     )
     assert proc.returncode == 0, proc.stderr

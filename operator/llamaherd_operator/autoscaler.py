@@ -195,8 +195,9 @@ def register(registry: kopf.OperatorRegistry, settings: Any) -> None:
     holder: dict[str, Any] = {}
 
     @kopf.on.startup(registry=registry)
-    async def start_autoscaler(**_: Any) -> None:
+    async def start_autoscaler(memo: kopf.Memo, **_: Any) -> None:
         metrics = OperatorMetrics()
+        memo.operator_metrics = metrics  # the reconcile handler records its duration here
         if settings.metrics_port:
             metrics.serve(settings.metrics_host, settings.metrics_port)
         holder["http"] = httpx.AsyncClient()

@@ -252,7 +252,13 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, logger: Any, **_: Any
     ) -> None:
         cause = str(getattr(reason, "value", reason))  # kopf passes a str enum
-        await reconcile(body, _state(memo), logger, reason=cause, retry=retry)
+        started = time.perf_counter()
+        try:
+            await reconcile(body, _state(memo), logger, reason=cause, retry=retry)
+        finally:
+            metrics = getattr(memo, "operator_metrics", None)  # set by the autoscaler's startup
+            if metrics is not None:
+                metrics.reconcile_duration.observe(time.perf_counter() - started)
 
     async def owned_changed(
         event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any

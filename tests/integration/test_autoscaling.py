@@ -41,8 +41,14 @@ MAX_REPLICAS = 3
 class Fleet:
     """Plays kubelet and Service for the server processes: follows spec.replicas."""
 
-    def __init__(self, control_plane: ControlPlane, prometheus: Prometheus,
-                 servers: list[ServerProcess], namespace: str, name: str) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        prometheus: Prometheus,
+        servers: list[ServerProcess],
+        namespace: str,
+        name: str,
+    ) -> None:
         self.cp, self.prom, self.servers = control_plane, prometheus, servers
         self.namespace, self.name = namespace, name
         self.job = f"autoscale-{namespace}"
@@ -64,15 +70,17 @@ class Fleet:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            proc = self.cp.kubectl("get", "lhis", self.name, "-n", self.namespace,
-                                   "-o", "jsonpath={.spec.replicas}")
+            proc = self.cp.kubectl(
+                "get", "lhis", self.name, "-n", self.namespace, "-o", "jsonpath={.spec.replicas}"
+            )
             if proc.returncode == 0 and proc.stdout.strip():
                 n = min(int(proc.stdout), len(self.servers))
                 if n != self.replicas:
                     self.replicas = n
                     self.history.append(n)
                     self.prom.add_targets(
-                        self.job, [f"127.0.0.1:{s.port}" for s in self.servers[:n]],
+                        self.job,
+                        [f"127.0.0.1:{s.port}" for s in self.servers[:n]],
                         labels={"namespace": self.namespace, "service": self.name},
                     )
             self._stop.wait(0.5)
@@ -91,9 +99,14 @@ def load(fleet: Fleet, stop: threading.Event, workers: int, deadline_s: float) -
                 servers = fleet.active()
                 server = servers[next(counter) % len(servers)]
                 try:
-                    r = client.post(server.url + "/v1/generate", json={
-                        "prompt": "tell me a long story", "max_tokens": 48,
-                        "ignore_eos": True})
+                    r = client.post(
+                        server.url + "/v1/generate",
+                        json={
+                            "prompt": "tell me a long story",
+                            "max_tokens": 48,
+                            "ignore_eos": True,
+                        },
+                    )
                     statuses.append(r.status_code)
                 except httpx.HTTPError:
                     statuses.append(0)
@@ -108,8 +121,10 @@ def load(fleet: Fleet, stop: threading.Event, workers: int, deadline_s: float) -
 
 @pytest.fixture
 def servers(small_model: Path, tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    started = [start_server(small_model, tmp_path, "--threads", "1", "--slots", "2",
-                            "--max-wait-ms", "0") for _ in range(MAX_REPLICAS)]
+    started = [
+        start_server(small_model, tmp_path, "--threads", "1", "--slots", "2", "--max-wait-ms", "0")
+        for _ in range(MAX_REPLICAS)
+    ]
     yield started
     for s in started:
         s.stop()
@@ -121,30 +136,42 @@ def get_isvc(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
 
 
 def test_desired_replicas_follow_the_queue_up_and_back_down(
-    control_plane: ControlPlane, prometheus: Prometheus, servers: list[ServerProcess],
-    operator_crd: None, small_model: Path, tmp_path: Path,
+    control_plane: ControlPlane,
+    prometheus: Prometheus,
+    servers: list[ServerProcess],
+    operator_crd: None,
+    small_model: Path,
+    tmp_path: Path,
 ) -> None:
     namespace, name = f"as-{uuid.uuid4().hex[:6]}", "herd"
     cp = control_plane
     cp.kubectl("create", "namespace", namespace, check=True)
     metrics_port = free_port()
-    operator = OperatorProcess(cp.kubeconfig, tmp_path / "operator.log", env={
-        "LLAMAHERD_OPERATOR_PROMETHEUS_URL": prometheus.url,
-        "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "2",
-        "LLAMAHERD_OPERATOR_METRICS_HOST": "127.0.0.1",
-        "LLAMAHERD_OPERATOR_METRICS_PORT": str(metrics_port),
-        "LLAMAHERD_OPERATOR_NAMESPACES": namespace,
-    })
+    operator = OperatorProcess(
+        cp.kubeconfig,
+        tmp_path / "operator.log",
+        env={
+            "LLAMAHERD_OPERATOR_PROMETHEUS_URL": prometheus.url,
+            "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "2",
+            "LLAMAHERD_OPERATOR_METRICS_HOST": "127.0.0.1",
+            "LLAMAHERD_OPERATOR_METRICS_PORT": str(metrics_port),
+            "LLAMAHERD_OPERATOR_NAMESPACES": namespace,
+        },
+    )
     fleet = Fleet(cp, prometheus, servers, namespace, name)
     manifest = {
-        "apiVersion": "llamaherd.io/v1alpha1", "kind": "InferenceService",
+        "apiVersion": "llamaherd.io/v1alpha1",
+        "kind": "InferenceService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"hostPath": {"path": str(small_model)}},
             "server": {"slots": 2},
             "autoscaling": {
-                "enabled": True, "minReplicas": 1, "maxReplicas": MAX_REPLICAS,
-                "targetQueueDepthPerReplica": 1, "scaleDownStabilizationSeconds": 10,
+                "enabled": True,
+                "minReplicas": 1,
+                "maxReplicas": MAX_REPLICAS,
+                "targetQueueDepthPerReplica": 1,
+                "scaleDownStabilizationSeconds": 10,
                 "metricsWindowSeconds": 10,
             },
         },
@@ -155,17 +182,23 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
         fleet.start()
         wait_until(lambda: fleet.replicas == 1, timeout=30, what="the fleet at one replica")
         # Idle: metrics flow, the autoscaler is active and holds one replica.
-        wait_until(lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "True",
-                   timeout=60, what="ScalingActive=True before load",
-                   describe=lambda: json.dumps(get_isvc(cp, namespace, name).get("status")))
+        wait_until(
+            lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "True",
+            timeout=60,
+            what="ScalingActive=True before load",
+            describe=lambda: json.dumps(get_isvc(cp, namespace, name).get("status")),
+        )
 
         stop = threading.Event()
         result: list[list[int]] = []
         loader = threading.Thread(target=lambda: result.append(load(fleet, stop, 10, 240)))
         loader.start()
         try:
-            wait_until(lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] >= 2,
-                       timeout=120, what=f"scale-up under load (operator log {operator.log_path})")
+            wait_until(
+                lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] >= 2,
+                timeout=120,
+                what=f"scale-up under load (operator log {operator.log_path})",
+            )
         finally:
             stop.set()
             loader.join(timeout=120)
@@ -177,13 +210,17 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
         assert ups[0]["reason"] in ("ScaleUp", "BurstScaleUp")
         assert "waiting" in ups[0]["message"]
         assert "lastScaleTime" in isvc["status"]
-        deployment = json.loads(cp.kubectl("get", "deployment", name, "-n", namespace,
-                                           "-o", "json", check=True).stdout)
+        deployment = json.loads(
+            cp.kubectl("get", "deployment", name, "-n", namespace, "-o", "json", check=True).stdout
+        )
         assert deployment["spec"]["replicas"] >= 2, "the Deployment did not follow"
 
         # Load gone: back to the minimum after the short stabilization window.
-        wait_until(lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] == 1,
-                   timeout=120, what="scale-down after the load stopped")
+        wait_until(
+            lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] == 1,
+            timeout=120,
+            what="scale-down after the load stopped",
+        )
         isvc = get_isvc(cp, namespace, name)
         downs = [d for d in isvc["status"]["scalingDecisions"] if d["to"] < d["from"]]
         assert downs and downs[-1]["reason"] == "ScaleDown"
@@ -199,11 +236,24 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
 
         # Prometheus gone: the autoscaler holds and says why, never drops to the minimum.
         cp.kubectl("scale", "lhis", name, "-n", namespace, "--replicas=2", check=True)
-        cp.kubectl("patch", "lhis", name, "-n", namespace, "--type=merge", "-p", json.dumps(
-            {"spec": {"autoscaling": {"prometheusUrl": f"http://127.0.0.1:{free_port()}"}}}),
-            check=True)
-        wait_until(lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "False",
-                   timeout=60, what="ScalingActive=False without Prometheus")
+        cp.kubectl(
+            "patch",
+            "lhis",
+            name,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps(
+                {"spec": {"autoscaling": {"prometheusUrl": f"http://127.0.0.1:{free_port()}"}}}
+            ),
+            check=True,
+        )
+        wait_until(
+            lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "False",
+            timeout=60,
+            what="ScalingActive=False without Prometheus",
+        )
         isvc = get_isvc(cp, namespace, name)
         assert isvc["spec"]["replicas"] == 2
         scaling = next(c for c in isvc["status"]["conditions"] if c["type"] == "ScalingActive")
