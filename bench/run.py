@@ -71,6 +71,42 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _busy_jiffies() -> int:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def _process_jiffies(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+class ForeignCpu:
+    """CPU used by processes other than ``pids`` (the servers and this load generator)
+    while a point runs, in cores: the background load that spoils a measurement."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.cores = 0.0
+
+    def _sample(self) -> tuple[float, int, int]:
+        return time.monotonic(), _busy_jiffies(), sum(_process_jiffies(p) for p in self.pids)
+
+    def __enter__(self) -> ForeignCpu:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t1, busy1, ours1 = self._sample()
+        t0, busy0, ours0 = self._start
+        hz = os.sysconf("SC_CLK_TCK")
+        self.cores = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / hz / max(t1 - t0, 1e-9))
+
+
 class RssSampler:
     """Samples a process's RSS every ``interval`` seconds in a thread; keeps the peak."""
 
@@ -394,11 +430,12 @@ async def run_point(
     rate: float | None,
     n_requests: int,
     first_index: int,
+    our_pids: list[int],
 ) -> dict[str, Any]:
     url = server.base + "/v1/completions"
     before_text = server.scrape()
     load_before = loadavg()
-    with RssSampler(server.pid) as rss:
+    with RssSampler(server.pid) as rss, ForeignCpu(our_pids) as foreign:
         if rate is None:
             assert concurrency is not None
             results, wall = await loadgen.closed_loop(
@@ -421,6 +458,7 @@ async def run_point(
     summary["rss_peak_kb"] = rss.peak
     summary["loadavg_before"] = load_before
     summary["loadavg_after"] = loadavg()
+    summary["foreign_cpu_cores"] = round(foreign.cores, 3)
     if server.name == "llamaherd":
         summary["batch"] = batch_distribution(
             llamaherd_hist(before_text, "llamaherd_batch_size"),
@@ -446,7 +484,7 @@ def describe(summary: dict[str, Any]) -> str:
     return (
         f"{summary['tokens_per_s']:6.1f} tok/s  TTFT p50 {ms('ttft_ms')} ms  "
         f"ITL p50 {ms('itl_ms')} ms  ok {summary['ok']}/{summary['requests']}  "
-        f"load {summary['loadavg_before'][0]}"
+        f"other CPU {summary['foreign_cpu_cores']:.2f} cores"
     )
 
 
@@ -628,6 +666,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(1.0)
             s.info["rss_idle_kb"] = rss_kb(s.pid)
             log(f"{s.name} ready, idle RSS {s.info['rss_idle_kb'] / 1024:.0f} MiB")
+        our_pids = [os.getpid()] + [s.pid for s in servers]
         index = 0
         for k, c in enumerate(concurrencies):
             # Take turns, rotating who goes first, so that drift in load is shared.
@@ -641,6 +680,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     rate=None,
                     n_requests=n_requests(c),
                     first_index=index,
+                    our_pids=our_pids,
                 )
                 results["closed_loop"][s.name][str(c)] = summary
                 log(f"c={c:2d} {s.name:14s} {describe(summary)}")
@@ -655,6 +695,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     rate=args.open_rate,
                     n_requests=args.open_requests,
                     first_index=index,
+                    our_pids=our_pids,
                 )
                 results["open_loop"][s.name] = summary
                 log(f"open loop {args.open_rate}/s {s.name:14s} {describe(summary)}")

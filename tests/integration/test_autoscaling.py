@@ -26,7 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from tests.chart.test_metric_names import dashboard_exprs, scraped_names, used_names
 from tests.conftest import ServerProcess, start_server
 from tests.harness import free_port, wait_until
 from tests.harness.controlplane import ControlPlane
@@ -36,6 +38,7 @@ from tests.harness.prometheus import Prometheus
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.slow]
 
 MAX_REPLICAS = 3
+ALERTS = Path(__file__).resolve().parents[2] / "monitoring" / "alerts" / "llamaherd.rules.yaml"
 
 
 class Fleet:
@@ -231,6 +234,18 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
         assert max(fleet.history) >= 2
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        # The running operator exports every operator metric the dashboard and alerts read.
+        used = used_names(
+            dashboard_exprs()
+            + [
+                rule["expr"]
+                for group in yaml.safe_load(ALERTS.read_text())["groups"]
+                for rule in group["rules"]
+            ]
+        )
+        wanted = {n for n in used if n.startswith("llamaherd_operator_")}
+        assert wanted, "the dashboard and alerts read no operator metric?"
+        assert not wanted - scraped_names(text), wanted - scraped_names(text)
         assert _sample(text, 'llamaherd_operator_scaling_decisions_total{direction="up"}') >= 1
         assert _sample(text, 'llamaherd_operator_scaling_decisions_total{direction="down"}') >= 1
 
