@@ -1,10 +1,16 @@
 # Serving benchmark (bench/README.md). Included from the root Makefile.
 BENCH_ARGS ?=
 
-bench: setup ## full serving benchmark: llamaherd vs llama-server vs one-at-a-time (~10 min)
+.PHONY: bench-deps bench-llama-server
+
+# matplotlib draws the plots; it belongs in pyproject's `bench` extra.
+bench-deps: setup
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(VENV)/bin/pip install -q "matplotlib>=3.8,<4"
+
+bench: bench-deps ## full serving benchmark: llamaherd vs llama-server vs one-at-a-time (~10 min)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-bench-quick: setup ## short serving benchmark (~2 min), results in bench/results/quick/
+bench-quick: bench-deps ## short serving benchmark (~1-2 min), results in bench/results/quick/
 	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 bench-llama-server: ## build llama-server and llama-batched-bench from the pinned vendored llama.cpp

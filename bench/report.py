@@ -26,6 +26,12 @@ def _pcts(d: dict[str, float | None]) -> str:
     return " / ".join(_f(d[k]) for k in ("p50", "p95", "p99"))
 
 
+def _cpu(point: dict[str, Any]) -> str:
+    if "foreign_cpu_cores" not in point:
+        return f"load {point['loadavg_before'][0]}"
+    return f"{point['foreign_cpu_cores']:.2f} / {point.get('steal_cpu_cores', 0):.2f}"
+
+
 def _closed(results: dict[str, Any], system: str, c: int) -> dict[str, Any] | None:
     return results.get("closed_loop", {}).get(system, {}).get(str(c))
 
@@ -112,7 +118,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']} (no GPU).",
         f"- Load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
-        f"{meta.get('loadavg_end')}; each point's 1-min load is in the table.",
+        f"{meta.get('loadavg_end')}. Per point, `other / steal` is the CPU that other processes "
+        f"used while it ran and the CPU the hypervisor stole, in cores.",
         f"- Model: generated llama-architecture GGUF, {results['meta']['model']['params_m']}M "
         f"parameters, F16, random weights.",
         f"- Servers: {cfg['slots']} slots x {cfg['context_per_slot']} tokens, {cfg['threads']} "
@@ -127,7 +134,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for t in targets(results):
         verdict = "n/a" if t["ok"] is None else ("pass" if t["ok"] else "**MISS**")
-        fmt = ".0f" if t["unit"] == "MiB" else ".2f"
+        fmt = ".0f" if t["unit"] == "MiB" else ".3f"
         bound = _f(t["bound"], fmt)
         if t["unit"].startswith("x (lower"):
             bound = f"<= {bound}"
@@ -145,7 +152,7 @@ def markdown(results: dict[str, Any]) -> str:
         "llama_decode (llamaherd: `llamaherd_batch_size`; llama-server: busy slots per decode).",
         "",
         "| c | system | tok/s | req/s | TTFT | ITL | end-to-end | mean batch | peak RSS MiB "
-        "| ok | load |",
+        "| ok | other / steal |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in _concurrencies(results):
@@ -158,7 +165,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {c} | {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
                 f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
                 f"{_f(batch.get('mean'), '.1f')} | {p['rss_peak_kb'] / 1024:.0f} | "
-                f"{p['ok']}/{p['requests']} | {p['loadavg_before'][0]} |"
+                f"{p['ok']}/{p['requests']} | {_cpu(p)} |"
             )
     lines += [
         "",
@@ -200,7 +207,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "Latency counts from the scheduled arrival.",
             "",
-            "| system | tok/s | req/s | TTFT | ITL | end-to-end | ok | load |",
+            "| system | tok/s | req/s | TTFT | ITL | end-to-end | ok | other / steal |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in SYSTEMS:
@@ -209,7 +216,7 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
                     f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
-                    f"{p['ok']}/{p['requests']} | {p['loadavg_before'][0]} |"
+                    f"{p['ok']}/{p['requests']} | {_cpu(p)} |"
                 )
 
     engine = results.get("engine")

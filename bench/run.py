@@ -71,9 +71,11 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _busy_jiffies() -> int:
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, steal) jiffies of all CPUs; busy counts all but idle, iowait and steal."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields[:8]) - fields[3] - fields[4] - steal, steal
 
 
 def _process_jiffies(pid: int) -> int:
@@ -92,19 +94,22 @@ class ForeignCpu:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.cores = 0.0
+        self.steal_cores = 0.0  # time the hypervisor gave our virtual CPUs to someone else
 
-    def _sample(self) -> tuple[float, int, int]:
-        return time.monotonic(), _busy_jiffies(), sum(_process_jiffies(p) for p in self.pids)
+    def _sample(self) -> tuple[float, int, int, int]:
+        busy, steal = _cpu_jiffies()
+        return time.monotonic(), busy, steal, sum(_process_jiffies(p) for p in self.pids)
 
     def __enter__(self) -> ForeignCpu:
         self._start = self._sample()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        t1, busy1, ours1 = self._sample()
-        t0, busy0, ours0 = self._start
-        hz = os.sysconf("SC_CLK_TCK")
-        self.cores = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / hz / max(t1 - t0, 1e-9))
+        t1, busy1, steal1, ours1 = self._sample()
+        t0, busy0, steal0, ours0 = self._start
+        scale = os.sysconf("SC_CLK_TCK") * max(t1 - t0, 1e-9)
+        self.cores = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / scale)
+        self.steal_cores = (steal1 - steal0) / scale
 
 
 class RssSampler:
@@ -459,6 +464,8 @@ async def run_point(
     summary["loadavg_before"] = load_before
     summary["loadavg_after"] = loadavg()
     summary["foreign_cpu_cores"] = round(foreign.cores, 3)
+    summary["steal_cpu_cores"] = round(foreign.steal_cores, 3)
+    summary["_raw"] = (results, wall)
     if server.name == "llamaherd":
         summary["batch"] = batch_distribution(
             llamaherd_hist(before_text, "llamaherd_batch_size"),
@@ -476,6 +483,41 @@ async def run_point(
     return summary
 
 
+def merge_rounds(parts: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """One point measured in several rounds (systems taking turns): pool the requests."""
+    requests = [r for p in parts for r in p["_raw"][0]]
+    wall = sum(p["_raw"][1] for p in parts)
+    merged = loadgen.summarize(requests, wall, max_tokens)
+    merged["rounds"] = len(parts)
+    merged["rss_peak_kb"] = max(p["rss_peak_kb"] for p in parts)
+    merged["loadavg_before"] = parts[0]["loadavg_before"]
+    merged["loadavg_after"] = parts[-1]["loadavg_after"]
+    for key in ("foreign_cpu_cores", "steal_cpu_cores"):
+        merged[key] = round(sum(p[key] * p["_raw"][1] for p in parts) / wall, 3)
+    batches = [p["batch"] for p in parts if p.get("batch")]
+    if batches:
+        steps = sum(b["steps"] for b in batches)
+        batch: dict[str, Any] = {
+            "steps": steps,
+            "mean": sum(b["mean"] * b["steps"] for b in batches) / steps,
+        }
+        if all("le_counts" in b for b in batches):
+            counts: dict[str, int] = {}
+            for b in batches:
+                for le, n in b["le_counts"].items():
+                    counts[le] = counts.get(le, 0) + n
+            batch["le_counts"] = dict(sorted(counts.items(), key=lambda kv: float(kv[0])))
+        busy = [
+            (p["batch"]["decode_busy_fraction"], p["_raw"][1])
+            for p in parts
+            if p.get("batch") and "decode_busy_fraction" in p["batch"]
+        ]
+        if busy:
+            batch["decode_busy_fraction"] = sum(f * w for f, w in busy) / sum(w for _, w in busy)
+        merged["batch"] = batch
+    return merged
+
+
 def describe(summary: dict[str, Any]) -> str:
     def ms(key: str) -> str:
         v = summary[key]["p50"]
@@ -484,7 +526,7 @@ def describe(summary: dict[str, Any]) -> str:
     return (
         f"{summary['tokens_per_s']:6.1f} tok/s  TTFT p50 {ms('ttft_ms')} ms  "
         f"ITL p50 {ms('itl_ms')} ms  ok {summary['ok']}/{summary['requests']}  "
-        f"other CPU {summary['foreign_cpu_cores']:.2f} cores"
+        f"other CPU {summary['foreign_cpu_cores']:.2f}, steal {summary['steal_cpu_cores']:.2f}"
     )
 
 
@@ -592,10 +634,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         concurrencies = [1, 4, 16]
         engine_batches = [1, 4, 16]
         repeats = 1
+        rounds = 1
     else:
         concurrencies = [1, 2, 4, 8, 16, 32]
         engine_batches = [1, 2, 4, 8, 16]
         repeats = 3
+        rounds = 2
+    if args.rounds:
+        rounds = args.rounds
     if args.concurrency:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
 
@@ -621,7 +667,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "temperature": workload.temperature,
                 "top_k": workload.top_k,
                 "concurrency": concurrencies,
-                "requests_per_point": {str(c): n_requests(c) for c in concurrencies},
+                "requests_per_point": {
+                    str(c): max(c, n_requests(c) // rounds) * rounds for c in concurrencies
+                },
+                "rounds": rounds,
                 "open_loop": None
                 if args.quick
                 else {"rate_rps": args.open_rate, "requests": args.open_requests},
@@ -669,22 +718,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         our_pids = [os.getpid()] + [s.pid for s in servers]
         index = 0
         for k, c in enumerate(concurrencies):
-            # Take turns, rotating who goes first, so that drift in load is shared.
-            order = servers[k % len(servers) :] + servers[: k % len(servers)]
-            for s in order:
-                summary = await run_point(
-                    s,
-                    workload,
-                    model_name,
-                    concurrency=c,
-                    rate=None,
-                    n_requests=n_requests(c),
-                    first_index=index,
-                    our_pids=our_pids,
-                )
-                results["closed_loop"][s.name][str(c)] = summary
-                log(f"c={c:2d} {s.name:14s} {describe(summary)}")
-            index += n_requests(c)
+            # Take turns, rotating who goes first and reversing the order every other round,
+            # so that drift in background load is shared by all three.
+            parts: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+            per_round = max(c, n_requests(c) // rounds)
+            for r in range(rounds):
+                order = servers[k % len(servers) :] + servers[: k % len(servers)]
+                for s in order[:: -1 if r % 2 else 1]:
+                    part = await run_point(
+                        s,
+                        workload,
+                        model_name,
+                        concurrency=c,
+                        rate=None,
+                        n_requests=per_round,
+                        first_index=index,
+                        our_pids=our_pids,
+                    )
+                    parts[s.name].append(part)
+                    log(f"c={c:2d} {s.name:14s} {describe(part)}")
+                index += per_round
+            for s in servers:
+                merged = merge_rounds(parts[s.name], workload.max_tokens)
+                results["closed_loop"][s.name][str(c)] = merged
+                if rounds > 1:
+                    log(f"c={c:2d} {s.name:14s} {describe(merged)} (all rounds)")
         if not args.quick:
             for s in servers:
                 summary = await run_point(
@@ -697,6 +755,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     first_index=index,
                     our_pids=our_pids,
                 )
+                summary.pop("_raw")
                 results["open_loop"][s.name] = summary
                 log(f"open loop {args.open_rate}/s {s.name:14s} {describe(summary)}")
         for s in servers:
@@ -718,6 +777,7 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", help="comma-separated list (overrides the mode's)")
     parser.add_argument("--requests", type=int, help="requests per point (overrides the mode's)")
+    parser.add_argument("--rounds", type=int, help="rounds per point (overrides the mode's)")
     parser.add_argument("--systems", help="comma-separated subset of the three systems")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)

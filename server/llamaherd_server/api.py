@@ -136,7 +136,6 @@ class Generation:
         priority: int,
         timeout_s: float,
     ) -> None:
-        loop = asyncio.get_running_loop()
         self.engine = engine
         self.events: asyncio.Queue[TextChunk | Finished | Failed] = asyncio.Queue()
         self.done = False
@@ -145,7 +144,9 @@ class Generation:
             params=params,
             priority=priority,
             timeout_s=timeout_s,
-            emit=lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event),
+            # The engine calls this on the event loop (its ``dispatch``), once per step for all
+            # the step's events, so no hand-off of its own is needed here.
+            emit=self.events.put_nowait,
         )
 
     def submit(self, metrics: ServerMetrics) -> None:
@@ -278,6 +279,7 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
             queue_limit=settings.queue_limit,
             aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,
+            dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine
         if load_in_background:

@@ -45,11 +45,14 @@ def test_a_request_admitted_mid_generation_starts_before_the_others_finish(
     wait_for(lambda: all(t.tokens >= 10 for t in long), message="long requests to be running")
     late = h.submit(PROMPTS[2], max_tokens=5, temperature=0, ignore_eos=True)
     assert isinstance(late.result, Finished)
+    # Judged by when the engine handed each event out, not by when this thread looks: the
+    # engine thread can keep the GIL from this one for a while.
     for t in long:
-        assert not t.done.is_set(), "a long request finished before the late one: static?"
         assert late.first_token_at < t.finished_at
         assert late.finished_at < t.finished_at
         assert isinstance(t.result, Finished) and t.result.completion_tokens == 120
+        after = sum(1 for at, e in t.events if isinstance(e, TextChunk) and at > late.finished_at)
+        assert after >= 50, f"only {after} tokens after the late request ended: static?"
 
 
 def test_priority_order_under_saturation(make_engine, small_model: Path) -> None:
