@@ -356,6 +356,16 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
                 code="model_not_found",
             )
 
+    def envelope(rid: str, obj: str, choice: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        """OpenAI's response object around one choice."""
+        return {
+            "id": rid,
+            "object": obj,
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
+        }
+
     def prompt_tokens(
         engine: Engine, prompt: str | list[int], *, special: bool = False
     ) -> list[int]:
@@ -538,26 +548,12 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": model_name,
-                    "choices": [
-                        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-                    ],
-                }
+                return envelope(rid, "text_completion", {"text": text}, finish)
 
             return sse(gen, chunk, rid, "text_completion", include_usage, log_request)
         text, finish = await run_to_end(request, gen)
         return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.finish_reason}
-            ],
+            **envelope(rid, "text_completion", {"text": text}, finish.finish_reason),
             "usage": usage(finish),
         }
 
@@ -595,31 +591,13 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
                 if first:
                     delta["role"] = "assistant"
                     first = False
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": int(time.time()),
-                    "model": model_name,
-                    "choices": [
-                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                    ],
-                }
+                return envelope(rid, "chat.completion.chunk", {"delta": delta}, finish)
 
             return sse(gen, chunk, rid, "chat.completion.chunk", include_usage, log_request)
         answer, finish = await run_to_end(request, gen)
+        message = {"message": {"role": "assistant", "content": answer}}
         return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer},
-                    "logprobs": None,
-                    "finish_reason": finish.finish_reason,
-                }
-            ],
+            **envelope(rid, "chat.completion", message, finish.finish_reason),
             "usage": usage(finish),
         }
 
