@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup system-deps binaries model run test test-unit lint simulate clean
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | expand -t 20
 
 setup: ## create .venv and install llamaherd (builds llama-cpp-python once, cached)
 	bash hack/setup.sh
