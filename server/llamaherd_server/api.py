@@ -163,17 +163,9 @@ class Generation:
             ) from None
         except EngineDraining:
             metrics.requests.labels(outcome="rejected").inc()
-            raise APIError(
-                503,
-                "server is shutting down",
-                type_="unavailable",
-                code="draining",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise draining_error() from None
         except EngineNotReady as exc:
-            raise APIError(
-                503, str(exc), type_="unavailable", code="not_ready", headers={"Retry-After": "5"}
-            ) from None
+            raise not_ready_error(str(exc)) from None
 
     async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
         """Events until Finished or Failed. Leaving early cancels the request."""
@@ -218,6 +210,22 @@ class Generation:
             self.engine.cancel(self.req)
             raise APIError(499, "client disconnected", type_="cancelled")
         return work.result()
+
+
+def not_ready_error(reason: str) -> APIError:
+    return APIError(
+        503, reason, type_="unavailable", code="not_ready", headers={"Retry-After": "5"}
+    )
+
+
+def draining_error() -> APIError:
+    return APIError(
+        503,
+        "server is shutting down",
+        type_="unavailable",
+        code="draining",
+        headers={"Retry-After": "1"},
+    )
 
 
 def failed_error(event: Failed) -> APIError:
@@ -435,24 +443,12 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
 
     def ensure_ready(request: Request) -> Engine:
         engine = engine_of(request)
-        if not engine.ready:
-            message = (
-                "model is loading"
-                if engine.load_error is None
-                else f"model failed to load: {engine.load_error}"
-            )
-            raise APIError(
-                503, message, type_="unavailable", code="not_ready", headers={"Retry-After": "5"}
-            )
-        if engine.draining:
+        reason = engine.unavailable_reason()
+        if reason == "draining":
             metrics.requests.labels(outcome="rejected").inc()
-            raise APIError(
-                503,
-                "server is shutting down",
-                type_="unavailable",
-                code="draining",
-                headers={"Retry-After": "1"},
-            )
+            raise draining_error()
+        if reason is not None:
+            raise not_ready_error(reason)
         return engine
 
     # ---- routes ----------------------------------------------------------------------
@@ -471,16 +467,9 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        engine = engine_of(request)
-        if engine.load_error is not None:
-            return JSONResponse(
-                {"ready": False, "reason": f"model failed to load: {engine.load_error}"},
-                status_code=503,
-            )
-        if not engine.ready:
-            return JSONResponse({"ready": False, "reason": "model is loading"}, status_code=503)
-        if engine.draining:
-            return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
+        reason = engine_of(request).unavailable_reason()
+        if reason is not None:
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return JSONResponse({"ready": True})
 
     @app.get("/metrics")

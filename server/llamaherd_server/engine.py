@@ -331,6 +331,16 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def unavailable_reason(self) -> str | None:
+        """Why the engine admits no request now (None when it does)."""
+        if self.load_error is not None:
+            return f"model failed to load: {self.load_error}"
+        if not self.ready:
+            return "model is loading"
+        if self.draining:
+            return "draining"
+        return None
+
     def busy(self) -> bool:
         return bool(self._running) or len(self.queue) > 0
 
@@ -386,11 +396,7 @@ class Engine:
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request. Raises EngineNotReady, EngineDraining or QueueFull."""
         if not self.ready:
-            raise EngineNotReady(
-                "model is loading"
-                if self.load_error is None
-                else f"model failed to load: {self.load_error}"
-            )
+            raise EngineNotReady(self.unavailable_reason())
         if self.draining:
             raise EngineDraining("server is draining")
         self.queue.put(req)
