@@ -2,9 +2,11 @@
 
 Discrete time (one step per second). Requests arrive by a seeded Poisson process whose rate
 follows a trace, wait in one queue in front of the service (the Service's load balancer),
-and run on ready replicas, each with ``slots`` slots sharing the replica's decode throughput
-at its current batch size (the engine benchmark's curve). New replicas become ready after a
-cold start; a replica being removed takes no new requests and goes once its requests finish.
+and run on ready replicas, each with ``slots`` slots sharing the replica's throughput at its
+current number of streams (llamaherd's tokens/s by concurrency, measured by the serving
+benchmark). New replicas become ready after a cold start; a replica being removed takes no new
+requests and goes once its requests finish. Loads and the SLO are relative to one replica's
+capacity, so the traces keep their meaning when the benchmark's numbers move.
 
 Three ways to size the fleet, on the same arrivals:
 - ``llamaherd``: the operator's policy (``llamaherd_operator.policy.decide``) every period,
@@ -33,9 +35,20 @@ import numpy as np
 
 from llamaherd_operator.policy import History, Metrics, ScalingSpec, decide
 
-# Decode tokens/s of one replica by sequences per step, 2-core CPU, ~220M-parameter model
-# (llama-batched-bench in ../shared/FIELD-NOTES.md; bench/ measures the server's own).
-DEFAULT_THROUGHPUT = {1: 100.0, 2: 151.0, 4: 244.0, 8: 341.0, 16: 499.0}
+# Output tokens/s of one replica by concurrent streams: the serving benchmark's closed loop for
+# llamaherd (bench/results/results.json, `make bench`), 2-core CPU, ~220M-parameter model.
+BENCH_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "results.json"
+# Used only when there are no benchmark results: llama-batched-bench's decode rates for the same
+# shape of model on this kind of machine (../shared/FIELD-NOTES.md).
+FALLBACK_THROUGHPUT = {1: 100.0, 2: 151.0, 4: 244.0, 8: 341.0, 16: 499.0}
+
+
+def benchmark_throughput(path: Path = BENCH_RESULTS, max_streams: int = 16) -> dict[int, float]:
+    """llamaherd's measured tokens/s by concurrency, up to ``max_streams`` (the slots)."""
+    if not path.exists():
+        return dict(FALLBACK_THROUGHPUT)
+    closed = json.loads(path.read_text())["closed_loop"]["llamaherd"]
+    return {int(c): float(p["tokens_per_s"]) for c, p in closed.items() if int(c) <= max_streams}
 
 
 def throughput_at(curve: dict[int, float], batch: int) -> float:
@@ -53,11 +66,13 @@ def throughput_at(curve: dict[int, float], batch: int) -> float:
 
 
 TRACES: dict[str, Callable[[float], float]] = {
-    # requests per second at time t (seconds); a 40-minute day in miniature
-    "spike": lambda t: 1.5 if t < 600 or t >= 1500 else 14.0,
-    "ramp": lambda t: 0.5 + 13.5 * min(1.0, t / 1800),
-    "diurnal": lambda t: 7.0 + 6.0 * math.sin(2 * math.pi * t / 2400 - math.pi / 2),
-    "oscillating": lambda t: 12.0 if int(t // 120) % 2 else 2.0,
+    # Load at time t (seconds) in units of one replica's capacity (requests/s that one replica
+    # serves with every slot busy), so the traces mean the same whatever the throughput curve;
+    # a 40-minute day in miniature.
+    "spike": lambda t: 0.4 if t < 600 or t >= 1500 else 3.6,
+    "ramp": lambda t: 0.13 + 3.47 * min(1.0, t / 1800),
+    "diurnal": lambda t: 1.8 + 1.55 * math.sin(2 * math.pi * t / 2400 - math.pi / 2),
+    "oscillating": lambda t: 3.1 if int(t // 120) % 2 else 0.5,
 }
 
 
@@ -70,13 +85,28 @@ class Config:
     slots: int = 16
     cold_start_s: float = 60.0
     period_s: float = 15.0
-    slo_latency_s: float = 10.0
+    # The SLO: 2.5 x the latency of one request on a replica whose slots are all busy.
+    slo_factor: float = 2.5
     min_replicas: int = 1
     max_replicas: int = 8
     target_queue_depth: float = 4.0
     fixed_replicas: int = 2
     hpa_target_cpu: float = 0.7
-    throughput: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_THROUGHPUT))
+    throughput: dict[int, float] = field(default_factory=benchmark_throughput)
+
+    @property
+    def replica_capacity(self) -> float:
+        """Requests/s one replica finishes with every slot busy."""
+        return throughput_at(self.throughput, self.slots) / self.output_tokens
+
+    @property
+    def slo_latency_s(self) -> float:
+        per_stream = throughput_at(self.throughput, self.slots) / self.slots
+        return round(self.slo_factor * self.output_tokens / per_stream, 1)
+
+    def rate(self, t: float) -> float:
+        """Arrivals per second at time t."""
+        return TRACES[self.trace](t) * self.replica_capacity
 
 
 @dataclass
@@ -108,7 +138,7 @@ class Result:
 
 def arrivals(cfg: Config) -> list[float]:
     rng = np.random.default_rng(cfg.seed)
-    rate = TRACES[cfg.trace]
+    rate = cfg.rate
     times: list[float] = []
     for second in range(cfg.duration_s):
         n = rng.poisson(rate(second))
@@ -178,7 +208,7 @@ def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
                 _resize(replicas, current, desired, now + cfg.cold_start_s)
         recent = [r.done - r.arrival for r in finished[-200:] if r.done and r.done > now - 60]
         timeline["t"].append(now)
-        timeline["rate"].append(TRACES[cfg.trace](now) if now < cfg.duration_s else 0.0)
+        timeline["rate"].append(cfg.rate(now) if now < cfg.duration_s else 0.0)
         timeline["replicas"].append(sum(1 for r in replicas if not r.leaving))
         timeline["ready"].append(len(ready))
         timeline["waiting"].append(len(queue))
