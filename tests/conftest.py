@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import MissingBinaryError
+from tests.harness import MissingBinaryError, free_port
 from tests.harness.controlplane import ControlPlane, ExistingCluster
 from tests.harness.prometheus import Prometheus
 
@@ -48,12 +47,6 @@ def tiny_model() -> Path:
 def small_model() -> Path:
     """About 30M parameters: slow enough that one request can outlast another."""
     return generated_model("small")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

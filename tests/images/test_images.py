@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.harness import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.images]
 
