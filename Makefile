@@ -47,3 +47,5 @@ clean:
 # Container images (dockerd, a debootstrap base, the CPU variants of both images).
 -include hack/images.mk
 -include bench/bench.mk
+# The kind cluster (node image built here), the e2e suite and the demo.
+-include hack/kind.mk

@@ -4,9 +4,12 @@
 # ${LLAMAHERD_CACHE:-~/.cache/llamaherd}/bin/<component>-<version>/.
 #
 #   kubernetes-<v>/  kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl
+#                    kubeadm kube-proxy (the last two for the kind node image)
 #   etcd-<v>/        etcd
 #   helm-<v>/        helm
 #   kind-<v>/        kind
+#   crictl-<v>/      crictl   (cri-tools; for the kind node image)
+#   coredns-<v>/     coredns  (only the plugins kubeadm's Corefile uses; for the kind node image)
 #
 # Versions come from hack/versions.env. A component whose binaries already print the pinned
 # version is skipped. Each component is built in a small wrapper module under $CACHE/src/ and
@@ -36,7 +39,7 @@ export CGO_ENABLED=0
 # Only the module proxy is reachable from these machines, not the checksum database.
 export GOSUMDB=${GOSUMDB:-off}
 
-K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kubeadm kube-proxy)
 STEP=setup
 
 log() { printf '[binaries] %s\n' "$*"; }
@@ -76,7 +79,9 @@ build_kubernetes() {
         && cached "$dest" "$v" kubectl version --client \
         && cached "$dest" "$v" kubelet --version \
         && cached "$dest" "$v" kube-scheduler --version \
-        && cached "$dest" "$v" kube-controller-manager --version; then
+        && cached "$dest" "$v" kube-controller-manager --version \
+        && cached "$dest" "$v" kubeadm version -o short \
+        && cached "$dest" "$v" kube-proxy --version; then
         log "kubernetes $v: cached in $dest"
         return
     fi
@@ -187,12 +192,92 @@ build_kind() {
     log "kind $v: built into $dest"
 }
 
+build_crictl() {
+    local v=$CRICTL_VERSION dest=$BIN/crictl-$CRICTL_VERSION
+    if cached "$dest" "$v" crictl --version; then
+        log "crictl $v: cached in $dest"
+        return
+    fi
+    local mod=$SRC/crictl-$v
+    STEP="crictl $v: wrapper module"
+    log "$STEP in $mod"
+    new_module "$mod" crictl
+    printf '\nrequire sigs.k8s.io/cri-tools %s\n' "$v" >>"$mod/go.mod"
+    STEP="crictl $v: go build"
+    log "$STEP"
+    rm -rf "$mod/out"
+    mkdir -p "$mod/out"
+    (cd "$mod" && go build -trimpath \
+        -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$v" \
+        -o out/crictl sigs.k8s.io/cri-tools/cmd/crictl)
+    STEP="crictl $v: check version"
+    [[ $("$mod/out/crictl" --version) == *"$v"* ]]
+    install_dir "$mod/out" "$dest"
+    log "crictl $v: built into $dest"
+}
+
+# CoreDNS with only the plugins of kubeadm's default Corefile (errors, health, ready, kubernetes,
+# prometheus, forward, cache, loop, reload, loadbalance) plus log and hosts: CoreDNS' own main
+# package links every plugin, cloud SDKs included, which triples the build on 2 cores.
+build_coredns() {
+    local v=$COREDNS_VERSION dest=$BIN/coredns-$COREDNS_VERSION
+    if cached "$dest" "${v#v}" coredns -version; then
+        log "coredns $v: cached in $dest"
+        return
+    fi
+    local mod=$SRC/coredns-$v
+    STEP="coredns $v: wrapper module"
+    log "$STEP in $mod"
+    new_module "$mod" coredns
+    printf '\nrequire github.com/coredns/coredns %s\n' "$v" >>"$mod/go.mod"
+    cat >"$mod/main.go" <<'GO'
+// A CoreDNS with the plugins a kubeadm cluster's Corefile uses, in CoreDNS' plugin order.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/hosts"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/loop"
+	_ "github.com/coredns/coredns/plugin/metrics"
+	_ "github.com/coredns/coredns/plugin/ready"
+	_ "github.com/coredns/coredns/plugin/reload"
+)
+
+func init() {
+	dnsserver.Directives = []string{
+		"reload", "ready", "health", "prometheus", "errors", "log", "loadbalance",
+		"cache", "hosts", "kubernetes", "loop", "forward",
+	}
+}
+
+func main() { coremain.Run() }
+GO
+    STEP="coredns $v: go build"
+    log "$STEP"
+    rm -rf "$mod/out"
+    mkdir -p "$mod/out"
+    (cd "$mod" && go build -trimpath -ldflags "-s -w" -o out/coredns .)
+    STEP="coredns $v: check version"
+    [[ $("$mod/out/coredns" -version) == *"${v#v}"* ]]
+    install_dir "$mod/out" "$dest"
+    log "coredns $v: built into $dest"
+}
+
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(kubernetes etcd helm kind)
+[ ${#components[@]} -gt 0 ] || components=(kubernetes etcd helm kind crictl coredns)
 start=$SECONDS
 for c in "${components[@]}"; do
     case $c in
-        kubernetes | etcd | helm | kind) "build_$c" ;;
+        kubernetes | etcd | helm | kind | crictl | coredns) "build_$c" ;;
         *) STEP="arguments"; log "unknown component: $c"; exit 2 ;;
     esac
 done

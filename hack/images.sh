@@ -5,6 +5,8 @@
 #   hack/images.sh base       only the base image (llamaherd-base:bookworm, from debootstrap)
 #   hack/images.sh server     base + llamaherd-server:cpu
 #   hack/images.sh operator   base + llamaherd-operator:dev
+#   hack/images.sh prometheus base + llamaherd-prometheus:bookworm (the chart's in-cluster Prometheus)
+#   hack/images.sh e2e-client base + llamaherd-e2e-client:dev (e2e/Dockerfile.client: openai, load)
 #   hack/images.sh check-cuda parse the CUDA variant of Dockerfile.server with BuildKit
 #   hack/images.sh dockerd    only make sure a Docker engine answers
 #
@@ -19,6 +21,8 @@ CACHE=${LLAMAHERD_CACHE:-$HOME/.cache/llamaherd}/images
 BASE_IMAGE=${LLAMAHERD_BASE_IMAGE:-llamaherd-base:bookworm}
 SERVER_IMAGE=${LLAMAHERD_SERVER_IMAGE:-llamaherd-server:cpu}
 OPERATOR_IMAGE=${LLAMAHERD_OPERATOR_IMAGE:-llamaherd-operator:dev}
+PROMETHEUS_IMAGE=${LLAMAHERD_PROMETHEUS_IMAGE:-llamaherd-prometheus:bookworm}
+E2E_CLIENT_IMAGE=${LLAMAHERD_E2E_CLIENT_IMAGE:-llamaherd-e2e-client:dev}
 SUITE=bookworm
 CA_BUNDLE=${LLAMAHERD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 DOCKERD_LOG=${LLAMAHERD_DOCKERD_LOG:-$CACHE/dockerd.log}
@@ -71,17 +75,58 @@ ensure_packages() {
         "dockerd $(dockerd --version | awk '{print $3}' | tr -d ,)"
 }
 
+# True when this host's capability bounding set lacks CAP_SYS_RESOURCE (bit 24): then
+# `docker run --privileged`, and so every kind node, fails unless dockerd runs containers through
+# hack/kind/runc-wrapper (see its main.go and docs/e2e.md).
+lacks_sys_resource() {
+    local bounding
+    bounding=$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status)
+    (( (16#$bounding & (1 << 24)) == 0 ))
+}
+
+# Build the runc wrapper into the cache, keyed by its source; prints its path.
+runc_wrapper() {
+    local src=hack/kind/runc-wrapper key dest
+    key=$(cat "$src/go.mod" "$src/main.go" | sha256sum | cut -c1-12)
+    dest=$CACHE/../bin/llamaherd-runc-$key/llamaherd-runc
+    if [ ! -x "$dest" ]; then
+        log "building the runc wrapper ($src) into $(dirname "$dest")" >&2
+        mkdir -p "$(dirname "$dest")"
+        (cd "$src" && CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOTOOLCHAIN=local \
+            go build -trimpath -o "$dest.tmp" .) >&2
+        mv "$dest.tmp" "$dest"
+    fi
+    realpath "$dest"
+}
+
+DOCKERD_RUNTIME=llamaherd-runc
 ensure_dockerd() {
     step "dockerd"
+    local runtime_args=()
+    if lacks_sys_resource; then
+        runtime_args=(--add-runtime "$DOCKERD_RUNTIME=$(runc_wrapper)" --default-runtime "$DOCKERD_RUNTIME")
+    fi
     if docker info >/dev/null 2>&1; then
-        log "a Docker engine answers ($(docker info --format '{{.ServerVersion}}'))"
-        return
+        local default
+        default=$(docker info --format '{{.DefaultRuntime}}')
+        log "a Docker engine answers ($(docker info --format '{{.ServerVersion}}'), runtime $default)"
+        if [ ${#runtime_args[@]} -gt 0 ] && [ "$default" != "$DOCKERD_RUNTIME" ]; then
+            local pid
+            pid=$(pgrep -x dockerd | head -n 1 || true)
+            [ -n "$pid" ] && grep -q -- "--bip=$DOCKERD_BIP" "/proc/$pid/cmdline" 2>/dev/null \
+                || fail "this host lacks CAP_SYS_RESOURCE, so kind needs dockerd to run with --add-runtime $DOCKERD_RUNTIME=$(runc_wrapper) --default-runtime $DOCKERD_RUNTIME; restart your dockerd that way (see docs/e2e.md)"
+            log "restarting the dockerd this script started (pid $pid) with the runc wrapper"
+            kill "$pid"
+            for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+        else
+            return
+        fi
     fi
     need_root "starting dockerd"
     mkdir -p "$(dirname "$DOCKERD_LOG")"
-    log "starting dockerd (bridge $DOCKERD_BIP, pool $DOCKERD_POOL), log in $DOCKERD_LOG"
+    log "starting dockerd (bridge $DOCKERD_BIP, pool $DOCKERD_POOL${runtime_args:+, runtime $DOCKERD_RUNTIME}), log in $DOCKERD_LOG"
     setsid nohup dockerd --bip="$DOCKERD_BIP" --default-address-pool "$DOCKERD_POOL" \
-        >>"$DOCKERD_LOG" 2>&1 </dev/null &
+        "${runtime_args[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
     local pid=$!
     for _ in $(seq 1 120); do
         if docker info >/dev/null 2>&1; then
@@ -95,34 +140,13 @@ ensure_dockerd() {
     fail "dockerd did not answer within 60 s, see $DOCKERD_LOG"
 }
 
-# A docker command that runs BuildKit builds with --secret. Docker CLI 23+ needs the buildx
-# plugin for that; older CLIs (Debian's docker.io 20.10) have BuildKit built in.
-BUILD_CLI=()
-find_build_cli() {
-    [ ${#BUILD_CLI[@]} -gt 0 ] && return
-    if docker buildx version >/dev/null 2>&1; then
-        BUILD_CLI=(docker buildx build --load)
-        return
-    fi
-    local cli major
-    for cli in docker /usr/bin/docker; do
-        command -v "$cli" >/dev/null || continue
-        major=$("$cli" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1 || true)
-        if [ -n "$major" ] && [ "$major" -lt 23 ]; then
-            BUILD_CLI=(env DOCKER_BUILDKIT=1 "$cli" build)
-            return
-        fi
-    done
-    fail "no docker CLI can run a BuildKit build: install the buildx plugin (docker-buildx) or Debian's docker.io (its /usr/bin/docker 20.10 has BuildKit built in)"
-}
-
+# A BuildKit build (hack/docker-build.sh picks the CLI that can run one).
 build() {
-    find_build_cli
     local secret=()
     if [ -f "$CA_BUNDLE" ]; then
         secret=(--secret "id=cacert,src=$CA_BUNDLE")
     fi
-    "${BUILD_CLI[@]}" --progress=plain "${secret[@]}" "$@" 2>&1 | while IFS= read -r line; do
+    bash hack/docker-build.sh --progress=plain "${secret[@]}" "$@" 2>&1 | while IFS= read -r line; do
         printf '[images]   %s\n' "$line"
     done
     return "${PIPESTATUS[0]}"
@@ -203,6 +227,24 @@ build_operator() {
     log "$OPERATOR_IMAGE built in $(seconds_since "$start")s"
 }
 
+build_prometheus() {
+    step "prometheus image $PROMETHEUS_IMAGE"
+    local start=$SECONDS
+    build -f monitoring/Dockerfile.prometheus -t "$PROMETHEUS_IMAGE" \
+        --build-arg BASE_IMAGE="$BASE_IMAGE" \
+        monitoring || fail "docker build of $PROMETHEUS_IMAGE failed (output above)"
+    log "$PROMETHEUS_IMAGE built in $(seconds_since "$start")s"
+}
+
+build_e2e_client() {
+    step "e2e client image $E2E_CLIENT_IMAGE"
+    local start=$SECONDS
+    build -f e2e/Dockerfile.client -t "$E2E_CLIENT_IMAGE" \
+        --build-arg BASE_IMAGE="$BASE_IMAGE" \
+        . || fail "docker build of $E2E_CLIENT_IMAGE failed (output above)"
+    log "$E2E_CLIENT_IMAGE built in $(seconds_since "$start")s"
+}
+
 check_cuda() {
     # BuildKit parses every stage of the Dockerfile; the builder-cuda target only sets the CUDA
     # CMake flags on top of the (cached) builder base, so this checks the CUDA variant's syntax
@@ -225,9 +267,11 @@ main() {
         base) ensure_base ;;
         server) ensure_base; build_server ;;
         operator) ensure_base; build_operator ;;
+        prometheus) ensure_base; build_prometheus ;;
+        e2e-client) ensure_base; build_e2e_client ;;
         check-cuda) ensure_base; check_cuda ;;
         all) ensure_base; build_server; build_operator ;;
-        *) fail "unknown target '$what' (all, base, server, operator, check-cuda, dockerd)" ;;
+        *) fail "unknown target '$what' (all, base, server, operator, prometheus, e2e-client, check-cuda, dockerd)" ;;
     esac
     STEP="done"
     log "done in $(seconds_since "$start")s"

@@ -1,0 +1,3 @@
+module llamaherd.local/runc-wrapper
+
+go 1.24
