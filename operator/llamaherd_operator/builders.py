@@ -175,6 +175,9 @@ def server_env(body: Body) -> list[dict[str, Any]]:
     settings = spec.get("server", {})
     for field in sorted(settings, key=server_env_name):
         env.append({"name": server_env_name(field), "value": _env_value(settings[field])})
+    threads = threads_from_resources(spec)
+    if threads is not None:
+        env.append(threads)
     secret = spec.get("apiKeySecretRef")
     if secret:
         env.append(
@@ -186,6 +189,33 @@ def server_env(body: Body) -> list[dict[str, Any]]:
     taken = {item["name"] for item in env}
     env.extend(copy.deepcopy(item) for item in spec.get("env", []) if item["name"] not in taken)
     return env
+
+
+def threads_from_resources(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``LLAMAHERD_THREADS`` from the server container's CPU limit (its request without a
+    limit), through the downward API, rounded up to whole CPUs (divisor 1). Only when the user
+    did not set ``spec.server.threads`` and ``spec.resources`` names a CPU limit or request:
+    without one, ``limits.cpu`` would read as the node's allocatable CPUs. The server then
+    falls back to its own reading of the cgroup quota and the affinity mask."""
+    if "threads" in spec.get("server", {}):
+        return None
+    resources = spec.get("resources") or {}
+    if "cpu" in (resources.get("limits") or {}):
+        resource = "limits.cpu"
+    elif "cpu" in (resources.get("requests") or {}):
+        resource = "requests.cpu"
+    else:
+        return None
+    return {
+        "name": server_env_name("threads"),
+        "valueFrom": {
+            "resourceFieldRef": {
+                "containerName": names.SERVER_CONTAINER,
+                "resource": resource,
+                "divisor": "1",
+            }
+        },
+    }
 
 
 def _env_value(value: Any) -> str:

@@ -2,10 +2,10 @@
 
 Conditions owned by the operator: ``Ready`` (at least one replica serves), ``Progressing`` (a
 rollout or scale is under way), ``Degraded`` (something needs a person: a failed download, a
-crash loop, an image that cannot be pulled, no GPU to schedule on, a missing claim) and
-``ModelLoading`` (a replica is downloading or loading its model). The autoscaler owns
-``ScalingActive`` and the metrics fields; the status is written with server-side apply, so each
-writer keeps its own fields (``conditions`` is a map keyed by ``type``).
+model that fails to load, a crash loop, an image that cannot be pulled, no GPU to schedule on,
+a missing claim) and ``ModelLoading`` (a replica is downloading or loading its model). The
+autoscaler owns ``ScalingActive`` and the metrics fields; the status is written with server-side
+apply, so each writer keeps its own fields (``conditions`` is a map keyed by ``type``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ OWNED_CONDITIONS = (READY, PROGRESSING, DEGRADED, MODEL_LOADING)
 
 # Degraded reasons, most telling first: the first found is the one reported.
 MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
+MODEL_LOAD_FAILED = "ModelLoadFailed"
 IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
 CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
 CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
@@ -34,6 +35,7 @@ PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 REPLICA_FAILURE = "ReplicaFailure"
 _POD_REASON_ORDER = (
     MODEL_DOWNLOAD_FAILED,
+    MODEL_LOAD_FAILED,
     IMAGE_PULL_BACK_OFF,
     CRASH_LOOP_BACK_OFF,
     CONTAINER_CONFIG_ERROR,
@@ -42,6 +44,13 @@ _POD_REASON_ORDER = (
 )
 _IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+# The server's termination message when its model cannot be loaded starts with this prefix
+# (``llamaherd_server.loadfail.LOAD_FAILED_PREFIX``; a unit test holds the two equal: the
+# operator does not import the server). Other crashes do not carry it.
+MODEL_LOAD_FAILED_PREFIX = "model load failed: "
+# Longest termination message copied into a condition (the kubelet keeps up to 4096 bytes).
+MAX_MESSAGE_CHARS = 1024
 
 Body = Mapping[str, Any]
 
@@ -101,6 +110,22 @@ def _terminated_text(terminated: Mapping[str, Any]) -> str:
     return f"exit code {code}" + (f": {last}" if last else "")
 
 
+def _trim(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_failure(terminated: Mapping[str, Any]) -> str | None:
+    """The server's load failure line in a termination message, if it is one. With
+    ``FallbackToLogsOnError`` the message may be the log's tail: the line is found in it."""
+    text = str(terminated.get("message") or "")
+    for line in reversed(text.splitlines()):
+        at = line.find(MODEL_LOAD_FAILED_PREFIX)
+        if at >= 0:
+            return line[at:].strip()
+    return None
+
+
 def _container_problem(pod_name: str, status: Mapping[str, Any], *, init: bool) -> Problem | None:
     name = status.get("name", "?")
     waiting = _get(status, "state", "waiting", default={})
@@ -123,6 +148,17 @@ def _container_problem(pod_name: str, status: Mapping[str, Any], *, init: bool) 
                 f"{where}: model download failed{tries}: {_terminated_text(failed)}",
             )
         return None
+    if not init and name == names.SERVER_CONTAINER:
+        for ended in (terminated, last):
+            failure = _load_failure(ended) if ended else None
+            if failure:
+                restarts = status.get("restartCount", 0)
+                tries = f" (failed {restarts + 1} times)" if restarts else ""
+                code = ended.get("exitCode")
+                return Problem(
+                    MODEL_LOAD_FAILED,
+                    _trim(f"{where}: exit code {code}{tries}: {failure}"),
+                )
     if reason == "CrashLoopBackOff":
         detail = _terminated_text(last) if last else waiting.get("message", "")
         return Problem(CRASH_LOOP_BACK_OFF, f"{where} keeps crashing: {detail}")
@@ -267,6 +303,10 @@ def compute_status(
     elif any(p.reason == MODEL_DOWNLOAD_FAILED for p in all_problems):
         model_loading = _condition(
             MODEL_LOADING, "False", MODEL_DOWNLOAD_FAILED, "the model download failed"
+        )
+    elif any(p.reason == MODEL_LOAD_FAILED for p in all_problems):
+        model_loading = _condition(
+            MODEL_LOADING, "False", MODEL_LOAD_FAILED, "the model failed to load"
         )
     elif ready > 0:
         model_loading = _condition(MODEL_LOADING, "False", "ModelLoaded", "the model is loaded")

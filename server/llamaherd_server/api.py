@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -266,9 +265,19 @@ def sampling_params(
     )
 
 
-def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> FastAPI:
-    """The server app. The engine is made in the lifespan and lives on ``app.state``."""
+def create_app(
+    settings: ServerSettings,
+    *,
+    load_in_background: bool = True,
+    on_load_failure: Callable[[str], object] | None = None,
+) -> FastAPI:
+    """The server app. The engine is made in the lifespan and lives on ``app.state``.
+
+    ``on_load_failure`` is called (from the loader thread) with the one-line message when the
+    model cannot be loaded; the process entry point uses it to exit non-zero. Without it the
+    app stays up and /health, /ready answer 503 with the message."""
     metrics = ServerMetrics(slots=settings.slots)
+    threads, threads_from = settings.resolved_threads()
     model_name = settings.served_model_name
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     created = int(time.time())
@@ -282,16 +291,20 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
             context_size=settings.context_size,
             token_budget=settings.token_budget,
             max_wait_ms=settings.max_wait_ms,
-            threads=settings.threads,
+            threads=threads,
             gpu_layers=settings.gpu_layers,
             queue_limit=settings.queue_limit,
             aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,
+            stall_seconds=settings.engine_stall_seconds,
             dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine
+        log.info("llama.cpp threads: %d (from %s)", threads, threads_from)
         if load_in_background:
-            loader = threading.Thread(target=_load_quietly, args=(engine,), daemon=True)
+            loader = threading.Thread(
+                target=_load_quietly, args=(engine, on_load_failure), daemon=True
+            )
             loader.start()
         else:
             await asyncio.to_thread(engine.load)
@@ -454,16 +467,22 @@ def create_app(settings: ServerSettings, *, load_in_background: bool = True) -> 
     # ---- routes ----------------------------------------------------------------------
 
     @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
+    async def health(request: Request) -> JSONResponse:
+        """Liveness: 200 while the process can serve (loading included); 503 when the model
+        failed to load, the engine died or the watchdog finds it stalled."""
         engine = engine_of(request)
-        return {
-            "status": "healthy",
+        reason = engine.unhealthy_reason()
+        body: dict[str, Any] = {
+            "status": "healthy" if reason is None else "unhealthy",
             "model_loaded": engine.ready,
             "draining": engine.draining,
             "active_requests": engine.active_count,
             "queue_depth": engine.queue_depth,
             "gpu_utilization": gpu_utilization(),
         }
+        if reason is not None:
+            body["reason"] = reason
+        return JSONResponse(body, status_code=200 if reason is None else 503)
 
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
@@ -652,6 +671,9 @@ def sse(
     return EventSourceResponse(events(), ping=15, sep="\n")
 
 
-def _load_quietly(engine: Engine) -> None:
-    with contextlib.suppress(Exception):  # already logged; /ready reports it
+def _load_quietly(engine: Engine, on_failure: Callable[[str], object] | None) -> None:
+    try:
         engine.load()
+    except Exception:  # already logged by the engine; /health and /ready report it
+        if on_failure is not None:
+            on_failure(engine.load_error or "model load failed")

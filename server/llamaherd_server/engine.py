@@ -20,6 +20,7 @@ caller makes thread-safe (the API hands tokens to its event loop with ``call_soo
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import functools
 import logging
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .loadfail import ModelLoadError, check_model_file, failure_message
 from .metrics import ServerMetrics
 from .queue import PriorityQueue, QueueFull
 
@@ -41,6 +43,7 @@ log = logging.getLogger("llamaherd.engine")
 __all__ = [
     "Engine",
     "EngineDraining",
+    "EngineFailed",
     "EngineNotReady",
     "Failed",
     "Finished",
@@ -111,6 +114,10 @@ class EngineDraining(Exception):
     """The server is shutting down and admits no new requests."""
 
 
+class EngineFailed(EngineNotReady):
+    """The scheduler thread died: the engine serves nothing any more (/health is 503)."""
+
+
 @dataclass(eq=False)
 class GenerationRequest:
     prompt_tokens: list[int]
@@ -166,6 +173,57 @@ def _run_emits(outbox: list[tuple[Callable[[Event], object], Event]]) -> None:
         emit(event)
 
 
+class _LlamaErrors:
+    """Keeps llama.cpp's error log lines while a call runs (it says *why* a load failed only
+    there), still handing every line to llama-cpp-python's own callback."""
+
+    _ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.lines: list[tuple[int, str]] = []
+        self._callback: Any = None
+        self._forward: Any = None
+
+    def __enter__(self) -> _LlamaErrors:
+        try:
+            from llama_cpp import _logger
+
+            self._forward = _logger.llama_log_callback
+        except (ImportError, AttributeError):
+            self._forward = None
+        forward = self._forward
+        lines = self.lines
+
+        def capture(level: int, text: bytes, user_data: Any) -> None:
+            if level in (self._ERROR - 1, self._ERROR) and text:
+                lines.append((level, text.decode("utf-8", errors="replace")))
+            if forward is not None:
+                with contextlib.suppress(Exception):  # never raise into C
+                    forward(level, text, user_data)
+
+        try:
+            self._callback = self.lib.llama_log_callback(capture)
+            self.lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+        except (AttributeError, TypeError):
+            self._callback = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._callback is not None:
+            self.lib.llama_log_set(self._forward, ctypes.c_void_p(0))
+
+    def last(self) -> str:
+        """The most telling error line: llama.cpp's "error loading model: <why>" if there is
+        one, else the first error line ("failed to load model" comes last and says nothing)."""
+        lines = [(level, " ".join(text.split())) for level, text in self.lines]
+        marker = "error loading model: "
+        for _, line in lines:
+            if marker in line:
+                return line.split(marker, 1)[1]
+        return next((line for level, line in lines if level == self._ERROR and line), "")
+
+
 def safe_emit_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of ``text`` can be streamed without giving away the start of a stop string."""
     hold = 0
@@ -194,6 +252,7 @@ class Engine:
         queue_limit: int = 256,
         aging_seconds: float = 10.0,
         seed: int = -1,
+        stall_seconds: float = 120.0,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
     ) -> None:
         self.model_path = model_path
@@ -216,6 +275,11 @@ class Engine:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        # Set once, when the scheduler loop dies of an exception: the engine is dead.
+        self.failure: str | None = None
+        self.stall_seconds = stall_seconds
+        # When the scheduler loop last showed it is alive (each iteration, and while idle).
+        self._heartbeat = time.monotonic()
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
@@ -225,6 +289,8 @@ class Engine:
         self._abort: str | None = None
         self._thread: threading.Thread | None = None
         self._running: dict[int, _Sequence] = {}
+        # Requests taken from the queue that an exception kept from a slot (see _die).
+        self._in_hand: list[GenerationRequest] = []
         # Events produced on the scheduler thread, handed out in one burst (see _deliver).
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
         self._thread_ident: int | None = None
@@ -241,12 +307,16 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the model, make the context and start the scheduler thread (blocking)."""
+        """Load the model, make the context and start the scheduler thread (blocking).
+
+        On failure ``load_error`` holds the one line that says why (``model load failed:
+        <path>: <cause>``), logged once, and the exception is re-raised."""
         try:
             self._load()
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", self.load_error)
+            cause = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            self.load_error = failure_message(self.model_path, cause)
+            log.error("%s", self.load_error)
             raise
         self._thread = threading.Thread(target=self._loop, name="llamaherd-engine", daemon=True)
         self._thread.start()
@@ -260,13 +330,18 @@ class Engine:
         logging.getLogger("llama-cpp-python").setLevel(
             logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
         )
+        check_model_file(self.model_path, gpu_layers=self.gpu_layers)
         self._lib = lib
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 999
-        model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        with _LlamaErrors(lib) as errors:
+            model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not model:
-            raise RuntimeError(f"llama.cpp could not load the model {self.model_path}")
+            detail = errors.last() or (
+                "corrupt or truncated file, an unknown architecture, or not enough memory"
+            )
+            raise ModelLoadError(f"llama.cpp could not load it: {detail}")
         self._model = model
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = self.slots * self.context_size
@@ -277,9 +352,15 @@ class Engine:
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         cparams.no_perf = True
-        ctx = lib.llama_init_from_model(model, cparams)
+        with _LlamaErrors(lib) as errors:
+            ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
-            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+            detail = errors.last()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {self.slots} x "
+                f"{self.context_size} tokens (out of memory? try fewer slots or a smaller "
+                "context-size)" + (f": {detail}" if detail else "")
+            )
         self._ctx = ctx
         self._vocab = lib.llama_model_get_vocab(model)
         self._mem = lib.llama_get_memory(ctx)
@@ -334,11 +415,37 @@ class Engine:
     def unavailable_reason(self) -> str | None:
         """Why the engine admits no request now (None when it does)."""
         if self.load_error is not None:
-            return f"model failed to load: {self.load_error}"
+            return self.load_error
+        unhealthy = self.unhealthy_reason()
+        if unhealthy is not None:
+            return unhealthy
         if not self.ready:
             return "model is loading"
         if self.draining:
             return "draining"
+        return None
+
+    def unhealthy_reason(self) -> str | None:
+        """Why the process should be restarted (None while it is healthy): the model failed to
+        load, the scheduler thread died, or it has made no progress for ``stall_seconds``
+        while requests wait or run (the watchdog)."""
+        if self.load_error is not None:
+            return self.load_error
+        if self.failure is not None:
+            return self.failure
+        if not self.ready:
+            return None
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop:
+            return "engine failed: the scheduler thread is gone"
+        if self.busy():
+            quiet = time.monotonic() - self._heartbeat
+            if quiet > self.stall_seconds:
+                return (
+                    f"engine stalled: no progress for {quiet:.1f}s with "
+                    f"{self.active_count} running and {self.queue_depth} queued requests "
+                    f"(engine-stall-seconds {self.stall_seconds:g})"
+                )
         return None
 
     def busy(self) -> bool:
@@ -395,11 +502,17 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue a request. Raises EngineNotReady, EngineDraining or QueueFull."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         if not self.ready:
             raise EngineNotReady(self.unavailable_reason())
         if self.draining:
             raise EngineDraining("server is draining")
         self.queue.put(req)
+        # The engine may have died between the check and the put; its last act emptied the
+        # queue, so a request put after that would wait forever.
+        if self.failure is not None and self.queue.remove(req):
+            raise EngineFailed(self.failure)
         with self._wake:
             self._wake.notify()
 
@@ -415,13 +528,44 @@ class Engine:
 
     def _loop(self) -> None:
         self._thread_ident = threading.get_ident()
+        try:
+            self._schedule()
+        except BaseException as exc:
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """The scheduler loop raised: fail every request with a 500, turn /health to 503."""
+        self.failure = f"engine failed: {type(exc).__name__}: {exc}"
+        log.critical("%s; failing every request", self.failure, exc_info=exc)
+        self.metrics.ready.set(0)
+        message = f"{self.failure}; the server must be restarted"
+        for seq in list(self._running.values()):
+            try:
+                self._release(seq)
+            except Exception:  # a dead engine still answers every request
+                self._running.pop(seq.slot, None)
+            self._finish_failed(seq.req, "error", message, seq.generated)
+        for taken in self._in_hand:
+            self._finish_failed(taken, "error", message, 0)
+        self._in_hand.clear()
+        while (req := self.queue.pop()) is not None:
+            self._finish_failed(req, "error", message, 0)
+        self.metrics.requests_running.set(0)
+        try:
+            self._deliver()
+        except Exception:
+            log.exception("could not hand out the failures")
+
+    def _schedule(self) -> None:
         last_expiry_scan = 0.0
         while True:
+            self._heartbeat = time.monotonic()
             if not self._running:
                 self._deliver()
             with self._wake:
                 while not self._stop and not self._running and len(self.queue) == 0:
                     self._wake.wait(timeout=0.5)
+                    self._heartbeat = time.monotonic()
                     self._expire_queued(time.monotonic())
                     self._deliver()
                 if self._stop:
@@ -507,7 +651,14 @@ class Engine:
             slot = self._free_slots.pop()
             req.admitted_at = now
             self.metrics.queue_wait.observe(now - req.arrival)
-            seq = _Sequence(req, slot, self._make_sampler(req.params))
+            try:
+                sampler = self._make_sampler(req.params)
+            except BaseException:
+                # Out of the queue, not running yet: the dying engine must still answer it.
+                self._free_slots.append(slot)
+                self._in_hand.append(req)
+                raise
+            seq = _Sequence(req, slot, sampler)
             self._running[slot] = seq
         self.metrics.requests_running.set(len(self._running))
 

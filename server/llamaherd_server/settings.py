@@ -7,12 +7,13 @@ exactly these variables from an InferenceService's ``spec.server`` (camelCase of
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .cpus import cpu_budget
 
 ENV_PREFIX = "LLAMAHERD_"
 
@@ -56,11 +57,13 @@ class ServerSettings(BaseSettings):
         description="How long an idle engine waits after the first arrival to gather a first "
         "batch before it starts decoding.",
     )
-    threads: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
+    threads: int | None = Field(
+        default=None,
         ge=1,
         le=1024,
-        description="CPU threads for llama.cpp (decode and batch).",
+        description="CPU threads for llama.cpp (decode and batch). Unset or 0: the container's "
+        "CPU budget (the cgroup CPU quota rounded up, or the CPU affinity mask, whichever is "
+        "smaller), not the node's core count.",
     )
     gpu_layers: int = Field(
         default=0,
@@ -104,13 +107,31 @@ class ServerSettings(BaseSettings):
     seed: int = Field(
         default=-1, description="Default sampling seed when a request gives none (-1 = random)."
     )
+    engine_stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Watchdog: when requests are waiting or running and the engine has not "
+        "finished a step for this long, /health answers 503 (liveness restarts the pod).",
+    )
+    termination_message_path: Path | None = Field(
+        default=Path("/dev/termination-log"),
+        description="Where a failed model load writes its one-line message for Kubernetes "
+        "(the container's terminationMessagePath); a missing or read-only folder is ignored.",
+    )
 
-    @field_validator("model")
+    @field_validator("threads", mode="before")
     @classmethod
-    def _model_exists(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"model file not found: {value}")
+    def _threads_auto(cls, value: object) -> object:
+        # 0 (or an empty variable) means "from the CPU budget", like unset.
+        if value in (0, "0", ""):
+            return None
         return value
+
+    def resolved_threads(self) -> tuple[int, str]:
+        """(threads, where the number came from)."""
+        if self.threads is not None:
+            return self.threads, "setting"
+        return cpu_budget()
 
     @property
     def served_model_name(self) -> str:

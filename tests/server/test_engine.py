@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from llamaherd_server.engine import Failed, Finished, QueueFull, TextChunk
+from llamaherd_server.engine import EngineFailed, Failed, Finished, QueueFull, TextChunk
 
 from ..conftest import wait_for
 
@@ -210,3 +212,82 @@ def test_temperature_zero_alone_and_batched(make_engine, tiny_model: Path) -> No
         "llamaherd_batch_size_count"
     ), "the second run was not batched"
     assert batch[0].text == alone.text
+
+
+# ---- a dead engine is a dead server ------------------------------------------------------------
+
+
+def test_an_exception_in_the_scheduler_loop_fails_every_request(
+    make_engine, small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the per-step try (here: queue expiry), an exception kills the loop: every running
+    and queued request fails with an error that says so, and the engine reports unhealthy."""
+    h = make_engine(small_model, slots=1, max_wait_ms=0)
+    running = h.submit(PROMPTS[0], max_tokens=2000, ignore_eos=True)
+    wait_for(lambda: running.tokens >= 2, message="the request to be generating")
+    queued = [h.submit(PROMPTS[1], max_tokens=5) for _ in range(2)]
+    assert h.engine.unhealthy_reason() is None
+
+    def boom(now: float) -> None:
+        raise RuntimeError("queue expiry exploded")
+
+    monkeypatch.setattr(h.engine, "_expire_queued", boom)
+    for t in [running, *queued]:
+        result = t.result
+        assert isinstance(result, Failed), result
+        assert result.outcome == "error"
+        assert "engine failed: RuntimeError: queue expiry exploded" in result.message
+    assert isinstance(running.result, Failed) and running.result.completion_tokens >= 2
+    reason = h.engine.unhealthy_reason()
+    assert reason is not None and "queue expiry exploded" in reason
+    assert h.engine.unavailable_reason() == reason
+    assert h.engine.active_count == 0 and h.engine.queue_depth == 0
+    assert h.metric("llamaherd_requests_total", {"outcome": "error"}) == 3
+    assert h.metric("llamaherd_ready") == 0
+    # Nothing new is admitted: it would wait forever.
+    with pytest.raises(EngineFailed, match="queue expiry exploded"):
+        h.submit(PROMPTS[2], max_tokens=2)
+
+
+def test_an_exception_at_admission_fails_the_request(
+    make_engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = make_engine(tiny_model, slots=2, max_wait_ms=0)
+
+    def boom(params: object) -> None:
+        raise ValueError("sampler set-up exploded")
+
+    monkeypatch.setattr(h.engine, "_make_sampler", boom)
+    tracked = h.submit(PROMPTS[0], max_tokens=5)
+    result = tracked.result
+    assert isinstance(result, Failed) and result.outcome == "error"
+    assert "engine failed: ValueError: sampler set-up exploded" in result.message
+    assert "sampler set-up exploded" in (h.engine.unhealthy_reason() or "")
+    # The traceback is logged.
+    logged = [r for r in caplog.records if r.name == "llamaherd.engine" and r.exc_info]
+    assert logged and "sampler set-up exploded" in logged[0].getMessage()
+
+
+def test_the_watchdog_reports_a_stalled_engine(
+    make_engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_engine(tiny_model, slots=2, max_wait_ms=0, stall_seconds=0.5)
+    engine = h.engine
+    real_step = engine._step
+    release = threading.Event()
+
+    def stuck() -> None:
+        release.wait(30)
+        real_step()
+
+    monkeypatch.setattr(engine, "_step", stuck)
+    tracked = h.submit(PROMPTS[0], max_tokens=4, temperature=0, ignore_eos=True)
+    reason = wait_for(engine.unhealthy_reason, timeout=10, message="the watchdog")
+    assert reason.startswith("engine stalled: no progress for")
+    assert "1 running" in reason
+    release.set()
+    assert isinstance(tracked.result, Finished)
+    # Idle again: an idle engine is never stalled, however long it waits.
+    wait_for(lambda: engine.unhealthy_reason() is None, message="healthy again")
+    time.sleep(0.7)
+    assert engine.unhealthy_reason() is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +176,59 @@ async def test_health_ready_and_metrics(make_client: Any) -> None:
     assert 'llamaherd_requests_total{outcome="ok"} 1.0' in text
     assert "llamaherd_slots 4.0" in text
     assert "process_resident_memory_bytes" in text
+
+
+async def test_a_dead_engine_fails_requests_with_500_and_health_with_503(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    assert (await client.get("/health")).status_code == 200
+
+    def boom(params: object) -> None:
+        raise RuntimeError("sampler set-up exploded")
+
+    monkeypatch.setattr(engine, "_make_sampler", boom)
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error"
+    assert "engine failed: RuntimeError: sampler set-up exploded" in error["message"]
+
+    health = await client.get("/health")
+    assert health.status_code == 503
+    assert health.json()["status"] == "unhealthy"
+    assert "sampler set-up exploded" in health.json()["reason"]
+    ready = await client.get("/ready")
+    assert ready.status_code == 503 and "engine failed" in ready.json()["reason"]
+    # New requests are refused at once instead of waiting for a dead engine.
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 503 and "engine failed" in r.json()["error"]["message"]
+    assert 'llamaherd_requests_total{outcome="error"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_a_stalled_engine_turns_health_to_503(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(engine_stall_seconds=0.3, max_wait_ms=0)
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    real_step = engine._step
+    release = threading.Event()
+
+    def stuck() -> None:
+        release.wait(30)
+        real_step()
+
+    monkeypatch.setattr(engine, "_step", stuck)
+    request = asyncio.ensure_future(
+        client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    )
+    deadline = time.monotonic() + 10
+    while (health := await client.get("/health")).status_code == 200:
+        assert time.monotonic() < deadline, "the watchdog did not fire"
+        await asyncio.sleep(0.05)
+    assert health.status_code == 503
+    assert health.json()["reason"].startswith("engine stalled: no progress for")
+    release.set()
+    assert (await request).status_code == 200
+    assert (await client.get("/health")).status_code == 200

@@ -218,3 +218,66 @@ def test_drain_timeout_fails_what_is_left_and_still_exits_zero(
     assert time.monotonic() - started < 20
     assert results and results[0].status_code == 500
     assert "shut down" in results[0].json()["error"]["message"]
+
+
+def _truncated(model: Path, tmp_path: Path) -> Path:
+    data = model.read_bytes()
+    cut = tmp_path / "truncated.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def _not_gguf(model: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "index.gguf"
+    path.write_bytes(b"<html><body>404 Not Found</body></html>\n")
+    return path
+
+
+def _missing(model: Path, tmp_path: Path) -> Path:
+    return tmp_path / "nowhere" / "model.gguf"
+
+
+@pytest.mark.parametrize(
+    ("make_model", "cause"),
+    [
+        (_missing, "no such file"),
+        (_not_gguf, "not a GGUF file (starts with b'<htm'"),
+        (_truncated, "llama.cpp could not load it"),
+    ],
+)
+def test_a_model_that_cannot_load_exits_non_zero_with_a_termination_message(
+    server_factory, tiny_model: Path, tmp_path: Path, make_model, cause: str
+) -> None:
+    model = make_model(tiny_model, tmp_path)
+    message_file = tmp_path / "termination-log"
+    server = server_factory(
+        model,
+        "--threads",
+        "1",
+        wait_ready=False,
+        env={"LLAMAHERD_TERMINATION_MESSAGE_PATH": str(message_file)},
+    )
+    started = time.monotonic()
+    code = server.proc.wait(timeout=60)
+    assert code != 0, server.log()
+    assert time.monotonic() - started < 30
+    expected = f"model load failed: {model}: {cause}"
+    message = message_file.read_text()
+    assert message.startswith(expected), message
+    assert "\n" not in message.strip()
+    log_lines = [line for line in server.log().splitlines() if "model load failed:" in line]
+    assert len(log_lines) == 1, server.log()
+    assert expected in log_lines[0]
+    if make_model is _truncated:
+        assert "llama.cpp threads: 1 (from setting)" in server.log()
+
+
+def test_the_termination_message_file_may_be_unwritable(server_factory, tmp_path: Path) -> None:
+    """Outside Kubernetes the default /dev/termination-log may not be writable: still exit 1."""
+    server = server_factory(
+        tmp_path / "missing.gguf",
+        wait_ready=False,
+        env={"LLAMAHERD_TERMINATION_MESSAGE_PATH": str(tmp_path / "no" / "such" / "dir" / "f")},
+    )
+    assert server.proc.wait(timeout=60) == 1
+    assert "model load failed:" in server.log()

@@ -273,6 +273,34 @@ def test_pass_through_fields() -> None:
     assert env["LLAMAHERD_API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "chat"}}
 
 
+def _threads_ref(resource: str) -> dict[str, Any]:
+    return {"resourceFieldRef": {"containerName": "server", "resource": resource, "divisor": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "threads"),
+    [
+        # No CPU limit or request: limits.cpu would read as the node's CPUs; the server
+        # reads its cgroup quota and affinity itself.
+        ({}, None),
+        ({"resources": {"limits": {"memory": "8Gi"}}}, None),
+        ({"resources": {"limits": {"cpu": "2500m"}}}, _threads_ref("limits.cpu")),
+        (
+            {"resources": {"limits": {"cpu": "4"}, "requests": {"cpu": "1"}}},
+            _threads_ref("limits.cpu"),
+        ),
+        ({"resources": {"requests": {"cpu": "3"}}}, _threads_ref("requests.cpu")),
+        # The user's setting wins.
+        ({"resources": {"limits": {"cpu": "4"}}, "server": {"threads": 6}}, "6"),
+    ],
+)
+def test_threads_from_the_cpu_limit_or_request(spec: dict[str, Any], threads: Any) -> None:
+    env = server_of(builders.build_deployment(service(spec)))["env"]
+    names_seen = [item["name"] for item in env]
+    assert len(names_seen) == len(set(names_seen))
+    assert env_of({"env": env}).get("LLAMAHERD_THREADS") == threads
+
+
 def test_env_names_are_unique_even_when_user_repeats_operator_names() -> None:
     body = service({"env": [{"name": "LLAMAHERD_MODEL", "value": "/evil"}]})
     env = server_of(builders.build_deployment(body))["env"]

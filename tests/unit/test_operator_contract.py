@@ -14,7 +14,7 @@ import pytest
 import yaml
 from pydantic_settings import BaseSettings
 
-from llamaherd_operator import builders, names
+from llamaherd_operator import builders, names, status
 from llamaherd_operator.settings import OperatorSettings
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "inferenceservices.llamaherd.io.yaml"
@@ -134,6 +134,15 @@ def test_reserved_env_names_match_what_the_operator_sets(spec_schema: dict[str, 
         f"{names.ENV_PREFIX}{n}" for n in ("MODEL", "MODEL_NAME", "HOST", "PORT", "API_KEY")
     }
     assert reserved == managed
+
+
+def test_load_failure_prefix_matches_the_server() -> None:
+    # The operator tells a failed model load from other crashes by this prefix in the server
+    # container's termination message (Degraded, reason ModelLoadFailed).
+    loadfail = pytest.importorskip("llamaherd_server.loadfail")
+    assert loadfail.LOAD_FAILED_PREFIX == status.MODEL_LOAD_FAILED_PREFIX
+    message = loadfail.failure_message(Path("/models/m.gguf"), "no such file")
+    assert message.startswith(status.MODEL_LOAD_FAILED_PREFIX)
 
 
 def test_drain_default_matches_the_server(server_settings: type[BaseSettings]) -> None:

@@ -185,6 +185,112 @@ def test_model_download_failed() -> None:
     )
 
 
+LOAD_FAILURE = (
+    "model load failed: /models/m.gguf: not a GGUF file (starts with b'<htm', a GGUF file "
+    "starts with b'GGUF'; 1234 bytes)"
+)
+
+
+@pytest.mark.parametrize(
+    "server_status",
+    [
+        # Restarting after the failure: CrashLoopBackOff, the message in lastState.
+        waiting(
+            "server",
+            "CrashLoopBackOff",
+            "back-off 10s restarting failed container",
+            restartCount=2,
+            lastState={"terminated": {"exitCode": 1, "message": LOAD_FAILURE}},
+        ),
+        # Just ended, not restarted yet: the message in state.terminated.
+        {"name": "server", "state": {"terminated": {"exitCode": 1, "message": LOAD_FAILURE}}},
+        # Starting again: running, not ready, the last run's message in lastState.
+        {
+            "name": "server",
+            "state": {"running": {}},
+            "ready": False,
+            "restartCount": 1,
+            "lastState": {"terminated": {"exitCode": 1, "message": LOAD_FAILURE}},
+        },
+        # FallbackToLogsOnError: no message file, the log's tail (with its timestamps).
+        waiting(
+            "server",
+            "CrashLoopBackOff",
+            lastState={
+                "terminated": {
+                    "exitCode": 1,
+                    "message": "2026-01-02 03:04:05 INFO llamaherd.api: llama.cpp threads: 2\n"
+                    "2026-01-02 03:04:05 ERROR llamaherd.engine: " + LOAD_FAILURE + "\n",
+                }
+            },
+        ),
+    ],
+)
+def test_model_load_failed(server_status: dict[str, Any]) -> None:
+    status = compute_status(isvc(), deployment(1), [pod(containers=[server_status])], now=NOW)
+    c = conditions(status)
+    assert (c["Degraded"]["status"], c["Degraded"]["reason"]) == ("True", "ModelLoadFailed")
+    assert LOAD_FAILURE in c["Degraded"]["message"]
+    assert "pod chat-1, container server" in c["Degraded"]["message"]
+    assert c["Ready"]["reason"] == "ModelLoadFailed"
+    assert c["ModelLoading"]["status"] == "False" or c["ModelLoading"]["reason"] == "ModelLoading"
+
+
+def test_model_load_failed_message_is_trimmed_and_counts_failures() -> None:
+    long = "model load failed: /models/m.gguf: " + "x" * 5000
+    crashing = waiting(
+        "server",
+        "CrashLoopBackOff",
+        restartCount=4,
+        lastState={"terminated": {"exitCode": 1, "message": long}},
+    )
+    c = conditions(compute_status(isvc(), deployment(1), [pod(containers=[crashing])], now=NOW))
+    assert c["Degraded"]["reason"] == "ModelLoadFailed"
+    assert len(c["Degraded"]["message"]) <= 1024
+    assert "failed 5 times" in c["Degraded"]["message"]
+    assert c["Degraded"]["message"].endswith("...")
+    assert (c["ModelLoading"]["status"], c["ModelLoading"]["reason"]) == (
+        "False",
+        "ModelLoadFailed",
+    )
+
+
+def test_other_crashes_are_not_load_failures() -> None:
+    crashing = waiting(
+        "server",
+        "CrashLoopBackOff",
+        lastState={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+    )
+    other = waiting(
+        "sidecar",
+        "CrashLoopBackOff",
+        lastState={"terminated": {"exitCode": 1, "message": LOAD_FAILURE}},
+    )
+    for container in (crashing, other):
+        c = conditions(
+            compute_status(isvc(), deployment(1), [pod(containers=[container])], now=NOW)
+        )
+        assert c["Degraded"]["reason"] == "CrashLoopBackOff"
+    # A download failure is still the most telling: it explains the load failure.
+    both = pod(
+        init=[
+            {
+                "name": names.DOWNLOAD_CONTAINER,
+                "state": {"terminated": {"exitCode": 1, "message": "HTTP 404"}},
+            }
+        ],
+        containers=[
+            waiting(
+                "server",
+                "CrashLoopBackOff",
+                lastState={"terminated": {"exitCode": 1, "message": LOAD_FAILURE}},
+            )
+        ],
+    )
+    c = conditions(compute_status(isvc(), deployment(1), [both], now=NOW))
+    assert c["Degraded"]["reason"] == "ModelDownloadFailed"
+
+
 @pytest.mark.parametrize(
     ("the_pod", "reason", "needle"),
     [

@@ -8,8 +8,14 @@ from pydantic import ValidationError
 
 from llamaherd_server import metrics
 from llamaherd_server.chat import ChatTemplateError, render_chat
-from llamaherd_server.engine import safe_emit_length
+from llamaherd_server.engine import _LlamaErrors, safe_emit_length
 from llamaherd_server.ggufgen import CHATML_TEMPLATE, build_vocab
+from llamaherd_server.loadfail import (
+    ModelLoadError,
+    check_model_file,
+    failure_message,
+    write_termination_message,
+)
 from llamaherd_server.protocol import parse_priority
 from llamaherd_server.settings import ServerSettings
 
@@ -98,13 +104,73 @@ def test_settings_from_env_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert (s.slots, s.token_budget, s.context_size) == (5, 64, 1024)
 
 
-def test_settings_refuse_a_missing_model_and_out_of_range_values(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="model file not found"):
-        ServerSettings(model=tmp_path / "nope.gguf")
+def test_settings_refuse_out_of_range_values(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     with pytest.raises(ValidationError, match="slots"):
         ServerSettings(model=model, slots=0)
+    with pytest.raises(ValidationError, match="engine_stall_seconds"):
+        ServerSettings(model=model, engine_stall_seconds=0)
+    # A missing model is not a settings error: it is a load failure, reported as one
+    # (exit 1, the termination message), see test_model_file_checks.
+    assert ServerSettings(model=tmp_path / "nope.gguf").model.name == "nope.gguf"
+
+
+GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") * 2
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [
+        (None, "no such file"),
+        (b"<html>404 Not Found</html>", "not a GGUF file (starts with b'<htm'"),
+        (b"", "not a GGUF file"),
+        (b"GGUF\x03\x00", "truncated GGUF file: only 6 bytes"),
+        (b"GGUF" + (7).to_bytes(4, "little") + bytes(16), "unsupported GGUF version 7"),
+    ],
+)
+def test_model_file_checks(tmp_path: Path, content: bytes | None, cause: str) -> None:
+    model = tmp_path / "m.gguf"
+    if content is not None:
+        model.write_bytes(content)
+    with pytest.raises(ModelLoadError) as caught:
+        check_model_file(model, cgroup_root=tmp_path / "no-cgroup")
+    assert str(caught.value).startswith(cause)
+    line = failure_message(model, str(caught.value))
+    assert line.startswith(f"model load failed: {model}: {cause}")
+
+
+def test_model_file_checks_memory_limit(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(GGUF_HEADER + bytes(4096))
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    check_model_file(model, cgroup_root=cgroup)  # no limit
+    (cgroup / "memory.max").write_text("2048\n")
+    with pytest.raises(ModelLoadError, match="more than the container's memory limit"):
+        check_model_file(model, cgroup_root=cgroup)
+    # Offloaded to a GPU, the host memory limit says nothing.
+    check_model_file(model, gpu_layers=-1, cgroup_root=cgroup)
+    (cgroup / "memory.max").write_text("max\n")
+    check_model_file(model, cgroup_root=cgroup)
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        check_model_file(tmp_path, cgroup_root=cgroup)
+
+
+def test_termination_message_is_written_where_it_can_be(tmp_path: Path) -> None:
+    path = tmp_path / "termination-log"
+    assert write_termination_message(path, "model load failed: x: y")
+    assert path.read_text() == "model load failed: x: y"
+    # Kubernetes keeps 4096 bytes at most.
+    assert write_termination_message(path, "z" * 10_000)
+    assert len(path.read_bytes()) == 4096
+    # Outside Kubernetes the folder may not exist: not an error.
+    assert not write_termination_message(tmp_path / "missing" / "termination-log", "x")
+    assert not write_termination_message(None, "x")
+    # The default, /dev/termination-log, is created by the kubelet; never by the server.
+    if not Path("/dev/termination-log").exists():
+        assert not write_termination_message(Path("/dev/termination-log"), "x")
+        assert not Path("/dev/termination-log").exists()
 
 
 def test_metric_contract_names_are_exported() -> None:
@@ -124,3 +190,23 @@ def test_metric_contract_names_are_exported() -> None:
         "llamaherd_kv_cache_usage_ratio",
     ]:
         assert required in names, required
+
+
+def test_llama_cpp_error_lines_become_the_load_failure_cause() -> None:
+    errors = _LlamaErrors(lib=None)
+    errors.lines += [
+        (3, "llama_model_loader: some warning\n"),
+        (
+            4,
+            "llama_model_load: error loading model: tensor 'x' data is not within the file "
+            "bounds, model is corrupted or incomplete\n",
+        ),
+        (4, "llama_model_load_from_file_impl: failed to load model\n"),
+    ]
+    assert errors.last() == (
+        "tensor 'x' data is not within the file bounds, model is corrupted or incomplete"
+    )
+    errors.lines[:] = [(3, "a warning"), (4, "llama_init_from_model: failed to allocate\n")]
+    assert errors.last() == "llama_init_from_model: failed to allocate"
+    errors.lines[:] = [(3, "only a warning")]
+    assert errors.last() == ""
