@@ -388,3 +388,27 @@ def test_manifests_are_valid_kubernetes_shapes(spec: dict[str, Any]) -> None:
         builders.build_pdb(body),
     ):
         assert codecs.from_dict(copy.deepcopy(manifest)).to_dict() == manifest
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"url": "https://models.example/m.gguf"},
+        {"persistentVolumeClaim": {"claimName": "m", "path": "m.gguf"}},
+    ],
+)
+def test_pods_pass_the_restricted_pod_security_standard(model: dict[str, Any]) -> None:
+    """The fields the `restricted` level checks, on the pod and on every container."""
+    pod = builders.build_deployment(service({"model": model}))["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+    containers = pod["containers"] + pod.get("initContainers", [])
+    assert len(containers) == (2 if "url" in model else 1)
+    for container in containers:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["runAsNonRoot"] is True
+        assert security["readOnlyRootFilesystem"] is True
+        assert not any("hostPort" in port for port in container.get("ports", []))
