@@ -155,3 +155,24 @@ def test_static_manifest_applies(control_plane: Any) -> None:
         delete_namespace(control_plane)
         if not crd_was_there:
             control_plane.kubectl("delete", "crd", CRD, "--wait=true")
+
+
+def test_notes_tell_where_the_in_cluster_prometheus_is(control_plane: Any, helm: Path) -> None:
+    """NOTES.txt names the in-cluster Prometheus and how to open it (helm needs an API server)."""
+    proc = run_helm(
+        helm,
+        "install",
+        RELEASE,
+        str(CHART),
+        "--dry-run=client",
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "prometheus.enabled=true",
+    )
+    url = f"http://{RELEASE}-llamaherd-prometheus.{NAMESPACE}.svc.cluster.local:9090"
+    assert f"In-cluster Prometheus (prometheus.enabled): {url}" in proc.stdout
+    assert f"port-forward service/{RELEASE}-llamaherd-prometheus 9090:9090" in proc.stdout
+    assert f"The operator queries {url}." in proc.stdout

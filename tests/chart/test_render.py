@@ -44,6 +44,8 @@ REQUIRED_LABELS = (
 )
 
 values_cases = pytest.mark.parametrize("values", list(VALUES.values()), ids=list(VALUES))
+# The defaults with the in-cluster Prometheus on (a render() argument list).
+PROMETHEUS_ON: tuple[Any, ...] = (None, "--set", "prometheus.enabled=true")
 
 
 def by_kind(objects: Objects, kind: str) -> list[dict[str, Any]]:
@@ -53,6 +55,19 @@ def by_kind(objects: Objects, kind: str) -> list[dict[str, Any]]:
 def one(objects: Objects, kind: str) -> dict[str, Any]:
     (found,) = by_kind(objects, kind)
     return found
+
+
+def component(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def without_prometheus(objects: Objects) -> Objects:
+    """The objects of everything but the in-cluster Prometheus (prometheus.enabled)."""
+    return [o for o in objects if component(o) != "prometheus"]
+
+
+def prometheus_objects(objects: Objects) -> Objects:
+    return [o for o in objects if component(o) == "prometheus"]
 
 
 # --- helm itself ---------------------------------------------------------------------------------
@@ -75,8 +90,24 @@ def test_every_switch_renders_its_objects(render: Callable[..., Objects]) -> Non
         "Deployment",
         "Service",
     }
-    assert all_on == defaults | {"ConfigMap", *CRD_KINDS}
+    assert all_on == defaults | {"ConfigMap", "Role", "RoleBinding", *CRD_KINDS}
     assert minimal == {"Deployment", "Service"}
+    # The in-cluster Prometheus is off by default and makes all of its objects when on.
+    assert not prometheus_objects(render(None)) and not prometheus_objects(
+        render(VALUES["minimal"])
+    )
+    on = [(o["kind"], o["metadata"]["name"]) for o in prometheus_objects(render(*PROMETHEUS_ON))]
+    assert sorted(on) == sorted(
+        (kind, "llamaherd-prometheus")
+        for kind in (
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        )
+    )
 
 
 def test_values_schema_refuses_bad_values(helm: Path) -> None:
@@ -87,6 +118,12 @@ def test_values_schema_refuses_bad_values(helm: Path) -> None:
         ["--set", "monitoring.prometheusRule.queueDepthFor=ten minutes"],
         ["--set", "operatr.logLevel=debug"],  # a typo: unknown keys are refused
         ["--set", "sampleInferenceService.name=Not_A_Name"],
+        ["--set", "prometheus.enabled=yes"],
+        ["--set", "prometheus.scrapeInterval=5 seconds"],
+        ["--set", "prometheus.retention=six hours"],
+        ["--set", "prometheus.namespaces={Team_A}"],
+        ["--set", "prometheus.service.port=0"],
+        ["--set", "prometheus.scrapeIntervall=5s"],
     ):
         proc = run_helm(helm, "template", "x", str(CHART), *bad, check=False)
         assert proc.returncode != 0, f"{bad} rendered"
@@ -173,7 +210,7 @@ def test_every_object_carries_the_app_kubernetes_io_labels(
 
 @values_cases
 def test_operator_deployment(render: Callable[..., Objects], values: Path | None) -> None:
-    objects = render(values)
+    objects = without_prometheus(render(values))
     deployment = one(objects, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1
@@ -215,7 +252,8 @@ def test_operator_env_is_the_operators_settings(
     render: Callable[..., Objects], values: Path | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every LLAMAHERD_OPERATOR_* variable is a settings field, and its value validates."""
-    (container,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    deployment = one(without_prometheus(render(values)), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     fields = set(OperatorSettings.model_fields)
     names = {name.removeprefix(ENV_PREFIX).lower() for name in env}
@@ -239,7 +277,9 @@ def test_cluster_role_rules_are_operator_rbac_yaml(render: Callable[..., Objects
         REPO_ROOT / "operator" / "rbac.yaml"
     ).read_bytes(), "charts/llamaherd/files/rbac.yaml drifted: run `make chart`"
     for values in (None, VALUES["all-on"]):
-        assert one(render(values), "ClusterRole")["rules"] == _rbac_source_rules()
+        assert one(without_prometheus(render(values)), "ClusterRole")["rules"] == (
+            _rbac_source_rules()
+        )
 
 
 def test_chart_crds_are_the_crds_folder_byte_for_byte() -> None:
@@ -431,7 +471,7 @@ def test_monitoring_objects_are_structurally_sound(render: Callable[..., Objects
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     # The operator's ServiceMonitor picks the operator's metrics Service, and keeps the
     # InferenceService namespace label of its series.
-    service = one(objects, "Service")
+    service = one(without_prometheus(objects), "Service")
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= (
         service["metadata"]["labels"].items()
     )
@@ -465,7 +505,7 @@ def test_alerts_cover_the_issue(render: Callable[..., Objects]) -> None:
 
 
 def test_dashboard_config_map(render: Callable[..., Objects]) -> None:
-    config_map = one(render(VALUES["all-on"]), "ConfigMap")
+    config_map = one(without_prometheus(render(VALUES["all-on"])), "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["metadata"]["namespace"] == "monitoring"
     source = (REPO_ROOT / "monitoring" / "grafana" / "llamaherd.json").read_text()
@@ -489,3 +529,472 @@ def test_dashboard_config_map(render: Callable[..., Objects]) -> None:
         assert needle in exprs, f"the dashboard shows no {needle}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# --- the in-cluster Prometheus (prometheus.enabled) -----------------------------------------------
+
+# Debian's prometheus has no kubernetes_sd_configs, so the chart's discovery sidecar
+# (files/prometheus-discovery.py) writes file_sd files with the meta labels of the pod role; the
+# tests run its pod_targets() on pods and prometheus.yml's relabeling on what it yields.
+
+
+def _discovery() -> Any:
+    import importlib.util
+
+    path = CHART / "files" / "prometheus-discovery.py"
+    spec = importlib.util.spec_from_file_location("prometheus_discovery", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pod(
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    containers: list[dict[str, Any]],
+    *,
+    phase: str = "Running",
+    init_containers: list[dict[str, Any]] | None = None,
+    ip: str | None = "10.0.0.7",
+) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": namespace, "name": name, "labels": labels, "uid": "u"},
+        "spec": {"containers": containers, "initContainers": init_containers or []},
+        "status": {"phase": phase, **({"podIP": ip} if ip else {})},
+    }
+
+
+def _meta_label(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _pod_target(
+    namespace: str,
+    pod: str,
+    labels: dict[str, str],
+    port_name: str,
+    *,
+    phase: str = "Running",
+    container: str = "server",
+    init: bool = False,
+) -> dict[str, str]:
+    target = {
+        "__address__": "10.0.0.7:8000",
+        "__metrics_path__": "/metrics",
+        "__meta_kubernetes_namespace": namespace,
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_phase": phase,
+        "__meta_kubernetes_pod_ready": "true",
+        "__meta_kubernetes_pod_container_name": container,
+        "__meta_kubernetes_pod_container_port_name": port_name,
+        "__meta_kubernetes_pod_container_init": "true" if init else "false",
+    }
+    for key, value in labels.items():
+        target[f"__meta_kubernetes_pod_label_{_meta_label(key)}"] = value
+        target[f"__meta_kubernetes_pod_labelpresent_{_meta_label(key)}"] = "true"
+    return target
+
+
+def _relabel(target: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' relabeling (keep, drop, replace) as the chart uses it; None = dropped."""
+    labels = dict(target)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        assert action in {"keep", "drop", "replace"}, f"the test does not model {action}"
+        value = rule.get("separator", ";").join(
+            labels.get(name, "") for name in rule.get("source_labels", [])
+        )
+        match = re.fullmatch(f"(?:{rule.get('regex', '(.*)')})", value)
+        if action == "keep" and not match:
+            return None
+        if action == "drop" and match:
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+            result = match.expand(replacement)
+            if result:
+                labels[rule["target_label"]] = result
+            else:
+                labels.pop(rule["target_label"], None)
+    # Labels starting with __ are gone after relabeling; job comes from the job name.
+    return {k: v for k, v in labels.items() if not k.startswith("__")}
+
+
+def _prometheus_config(objects: Objects) -> dict[str, Any]:
+    config_map = one(prometheus_objects(objects), "ConfigMap")
+    assert set(config_map["data"]) == {"prometheus.yml", "discovery.py"}
+    source = (CHART / "files" / "prometheus-discovery.py").read_text()
+    assert config_map["data"]["discovery.py"].strip() == source.strip()
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    assert isinstance(config, dict)
+    return config
+
+
+def _discovery_env(objects: Objects) -> dict[str, str]:
+    pod = one(prometheus_objects(objects), "Deployment")["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in pod["containers"] if c["name"] == "discovery"]
+    return {e["name"]: e["value"] for e in sidecar["env"]}
+
+
+def _jobs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def test_prometheus_config_scrapes_the_inference_pods_like_the_pod_monitor(
+    render: Callable[..., Objects],
+) -> None:
+    from llamaherd_operator import builders, names
+
+    config = _prometheus_config(render(*PROMETHEUS_ON))
+    assert config["global"]["scrape_interval"] == "5s"
+    server = _jobs(config)["llamaherd-server"]
+    assert server.get("metrics_path", "/metrics") == "/metrics"
+    assert server["file_sd_configs"] == [{"files": ["/sd/llamaherd-server.json"]}]
+    rules = server["relabel_configs"]
+    discovery = _discovery()
+
+    def targets(pod: dict[str, Any]) -> list[dict[str, str]]:
+        groups = discovery.pod_targets(pod)
+        json.dumps(groups)  # what the sidecar writes
+        return [{"__address__": t, **g["labels"]} for g in groups for t in g["targets"]]
+
+    # The labels the operator really puts on a server pod.
+    pod_labels = builders.common_labels("chat")
+    assert pod_labels[names.LABEL_NAME] == names.APP_NAME
+    assert pod_labels[names.LABEL_INFERENCE_SERVICE] == "chat"
+    server_container = {
+        "name": names.SERVER_CONTAINER,
+        "ports": [{"name": names.PORT_NAME, "containerPort": names.SERVER_PORT}],
+    }
+    pod = _pod("team-a", "chat-7d9-x", pod_labels, [server_container])
+    (target,) = targets(pod)
+    assert target["__address__"] == f"10.0.0.7:{names.SERVER_PORT}"
+    kept = _relabel(target, rules)
+    assert kept is not None
+    assert kept["namespace"] == "team-a"
+    assert kept["service"] == "chat"
+    assert kept["pod"] == "chat-7d9-x"
+    # ... so that the operator's default selector finds the series.
+    from llamaherd_operator.prom import DEFAULT_SELECTOR
+
+    selector = DEFAULT_SELECTOR.format(namespace="team-a", name="chat")
+    for matcher in selector.split(","):
+        key, value = matcher.split("=", 1)
+        assert kept[key] == value.strip('"'), matcher
+
+    # Everything else is dropped: another port, a pod that is not Running, an init container,
+    # a pod without the server label.
+    dropped = [
+        _pod_target("team-a", "chat-7d9-x", pod_labels, "debug"),
+        _pod_target("team-a", "chat-7d9-x", pod_labels, ""),
+        _pod_target("team-a", "chat-7d9-x", pod_labels, names.PORT_NAME, phase="Pending"),
+        _pod_target("team-a", "chat-7d9-x", pod_labels, names.PORT_NAME, phase="Succeeded"),
+        _pod_target("team-a", "chat-7d9-x", pod_labels, names.PORT_NAME, phase="Failed"),
+        _pod_target(
+            "team-a", "chat-7d9-x", pod_labels, names.PORT_NAME, container="init", init=True
+        ),
+        _pod_target("team-a", "web-1", {names.LABEL_NAME: "web"}, names.PORT_NAME),
+        _pod_target("team-a", "web-2", {}, names.PORT_NAME),
+        *targets(_pod("team-a", "chat-1", pod_labels, [server_container], phase="Pending")),
+        *targets(
+            _pod(
+                "team-a",
+                "chat-2",
+                pod_labels,
+                [{"name": "sidecar", "ports": [{"name": "admin", "containerPort": 9000}]}],
+                init_containers=[{"name": "x", "ports": [{"name": "http", "containerPort": 1}]}],
+            )
+        ),
+    ]
+    for target in dropped:
+        assert _relabel(target, rules) is None, target
+    # A pod without an IP yet has no target; the sidecar lists exactly the server pods, in the
+    # listed namespaces (all when empty).
+    assert targets(_pod("team-a", "chat-3", pod_labels, [server_container], ip=None)) == []
+    for args, namespaces in ((PROMETHEUS_ON, ""), ((VALUES["all-on"],), "team-a")):
+        env = _discovery_env(render(*args))
+        assert env["SERVER_SELECTOR"] == f"{names.LABEL_NAME}={names.APP_NAME}"
+        assert env["SERVER_NAMESPACES"] == namespaces
+        assert env["OPERATOR_NAMESPACE"] == NAMESPACE
+
+
+def test_prometheus_config_scrapes_the_operator(render: Callable[..., Objects]) -> None:
+    for args in (PROMETHEUS_ON, (VALUES["all-on"],)):
+        objects = render(*args)
+        config = _prometheus_config(objects)
+        operator = _jobs(config)["llamaherd-operator"]
+        assert operator["honor_labels"] is True  # keeps the series' InferenceService namespace
+        assert operator["file_sd_configs"] == [{"files": ["/sd/llamaherd-operator.json"]}]
+        deployment = one(without_prometheus(objects), "Deployment")
+        template = deployment["spec"]["template"]
+        (container,) = template["spec"]["containers"]
+        (port,) = [p for p in container["ports"] if p["name"] == "metrics"]
+        pod = template["metadata"]["labels"]
+        # The sidecar lists the operator's pods by the labels the Deployment gives them.
+        selector = dict(
+            kv.split("=", 1) for kv in _discovery_env(objects)["OPERATOR_SELECTOR"].split(",")
+        )
+        assert selector.items() <= pod.items()
+        target = _pod_target(NAMESPACE, "op-1", pod, port["name"], container="operator")
+        kept = _relabel(target, operator["relabel_configs"])
+        assert kept is not None and kept["namespace"] == NAMESPACE and kept["pod"] == "op-1"
+        for other in (
+            _pod_target(NAMESPACE, "op-1", pod, "healthz", container="operator"),
+            _pod_target(NAMESPACE, "op-1", pod, "metrics", container="operator", phase="Pending"),
+            _pod_target(NAMESPACE, "x", {**pod, "app.kubernetes.io/instance": "other"}, "metrics"),
+        ):
+            assert _relabel(other, operator["relabel_configs"]) is None, other
+
+
+def test_prometheus_config_limits_discovery_to_the_listed_namespaces(
+    render: Callable[..., Objects],
+) -> None:
+    objects = render(VALUES["all-on"])
+    config = _prometheus_config(objects)
+    assert config["global"]["scrape_interval"] == "10s"
+    assert _discovery_env(objects)["SERVER_NAMESPACES"] == "team-a"
+    # A Role (pods: get, list, watch) in each namespace it reads, bound to its ServiceAccount;
+    # no ClusterRole.
+    mine = prometheus_objects(objects)
+    account = one(mine, "ServiceAccount")["metadata"]
+    assert not by_kind(mine, "ClusterRole") and not by_kind(mine, "ClusterRoleBinding")
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(mine, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(mine, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", NAMESPACE}
+    for namespace, role in roles.items():
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        ]
+        binding = bindings[namespace]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["name"], "namespace": NAMESPACE}
+        ]
+
+
+def test_prometheus_cluster_role_reads_pods_only(render: Callable[..., Objects]) -> None:
+    mine = prometheus_objects(render(*PROMETHEUS_ON))
+    role = one(mine, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = one(mine, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": one(mine, "ServiceAccount")["metadata"]["name"],
+            "namespace": NAMESPACE,
+        }
+    ]
+
+
+def _operator_env(objects: Objects) -> dict[str, str]:
+    deployment = one(without_prometheus(objects), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_operator_queries_the_in_cluster_prometheus(
+    render: Callable[..., Objects], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(*PROMETHEUS_ON)
+    service = one(prometheus_objects(objects), "Service")
+    (port,) = service["spec"]["ports"]
+    url = (
+        f"http://{service['metadata']['name']}.{service['metadata']['namespace']}"
+        f".svc.cluster.local:{port['port']}"
+    )
+    assert url == f"http://llamaherd-prometheus.{NAMESPACE}.svc.cluster.local:9090"
+    env = _operator_env(objects)
+    assert env["LLAMAHERD_OPERATOR_PROMETHEUS_URL"] == url
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert OperatorSettings().prometheus_url == url
+    # The Service's port and name follow the values.
+    objects = render(
+        None, "--set", "prometheus.enabled=true", "--set", "prometheus.service.port=9999"
+    )
+    assert _operator_env(objects)["LLAMAHERD_OPERATOR_PROMETHEUS_URL"] == (
+        f"http://llamaherd-prometheus.{NAMESPACE}.svc.cluster.local:9999"
+    )
+    # An explicit operator.prometheusUrl wins; without either the operator keeps its default.
+    explicit = "http://prometheus-operated.monitoring.svc:9090"
+    objects = render(*PROMETHEUS_ON, "--set", f"operator.prometheusUrl={explicit}")
+    assert _operator_env(objects)["LLAMAHERD_OPERATOR_PROMETHEUS_URL"] == explicit
+    all_on = _operator_env(render(VALUES["all-on"]))
+    assert all_on["LLAMAHERD_OPERATOR_PROMETHEUS_URL"] == explicit
+    assert "LLAMAHERD_OPERATOR_PROMETHEUS_URL" not in _operator_env(render(None))
+
+
+@pytest.mark.parametrize("args", [PROMETHEUS_ON, (VALUES["all-on"],)], ids=["on", "all-on"])
+def test_prometheus_pod_is_restricted_and_wired(
+    render: Callable[..., Objects], args: tuple[Any, ...]
+) -> None:
+    mine = prometheus_objects(render(*args))
+    deployment = one(mine, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    template = spec["template"]
+    pod = template["spec"]
+    # The restricted Pod Security Standard, field by field.
+    for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(forbidden)
+    pod_security = pod["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] == 65534
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    for each in pod["containers"]:
+        security = each["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["readOnlyRootFilesystem"] is True
+        assert security.get("runAsNonRoot", True) is True
+        assert security.get("runAsUser", 65534) != 0
+        assert not security.get("privileged")
+        assert all("hostPort" not in p for p in each.get("ports", []))
+        assert each["resources"]["limits"]["memory"]
+    assert all("hostPath" not in v for v in pod["volumes"])
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"prometheus", "discovery"}
+    container = containers["prometheus"]
+    # The discovery sidecar: the operator's image (it has Python), the discovery script of the
+    # ConfigMap, writing where Prometheus' file_sd_configs read.
+    sidecar = containers["discovery"]
+    operator_container = one(without_prometheus(render(*args)), "Deployment")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert sidecar["image"] == operator_container["image"]
+    script = sidecar["command"][-1]
+    sidecar_mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    assert sidecar_mounts[script.rsplit("/", 1)[0]] == "config"
+    assert script.rsplit("/", 1)[1] == "discovery.py"
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert sidecar_mounts[env["DISCOVERY_OUTPUT"]] == "sd"
+    # Prometheus' command line, probes, storage and configuration.
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert argv[0] in ("prometheus", "/usr/bin/prometheus")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in argv
+    assert "--storage.tsdb.path=/prometheus" in argv
+    retention = "2h" if args[0] == VALUES["all-on"] else "6h"
+    assert f"--storage.tsdb.retention.time={retention}" in argv
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("readinessProbe", "/-/ready"), ("livenessProbe", "/-/healthy")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert ports.get(get["port"], get["port"]) == 9090
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/prometheus"]]
+    assert "emptyDir" in volumes["sd"] and mounts["/sd"] == "sd"
+    config = yaml.safe_load(one(mine, "ConfigMap")["data"]["prometheus.yml"])
+    for job in config["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            assert all(f.startswith("/sd/") for f in sd["files"])
+    config_map = one(mine, "ConfigMap")
+    assert volumes[mounts["/etc/prometheus"]]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert template["metadata"]["annotations"]["checksum/config"]
+    assert container["resources"]["requests"]
+    assert pod["serviceAccountName"] == one(mine, "ServiceAccount")["metadata"]["name"]
+    # Its Service reaches exactly this pod, and the operator's metrics Service does not.
+    labels = template["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "prometheus"
+    service = one(mine, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["metadata"]["name"] == f"{deployment['metadata']['name']}"
+    assert service["metadata"]["name"].endswith("-prometheus")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert spec["selector"]["matchLabels"] == service["spec"]["selector"]
+    (service_port,) = service["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == 9090
+    operator_service = one(without_prometheus(render(*args)), "Service")
+    assert not operator_service["spec"]["selector"].items() <= labels.items()
+
+
+def test_prometheus_config_passes_promtool(render: Callable[..., Objects], tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed (Debian's prometheus package: `make system-deps`)")
+    for args in (PROMETHEUS_ON, (VALUES["all-on"],)):
+        path = tmp_path / "prometheus.yml"
+        path.write_text(
+            one(prometheus_objects(render(*args)), "ConfigMap")["data"]["prometheus.yml"]
+        )
+        proc = subprocess.run(
+            [promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.prometheus
+def test_real_prometheus_labels_the_discovered_targets(
+    render: Callable[..., Objects], tmp_path: Path
+) -> None:
+    """Debian's prometheus with the rendered prometheus.yml and the sidecar's file_sd output."""
+    import shutil
+    import subprocess
+    import urllib.request
+
+    from tests.harness import free_port, wait_until
+
+    binary = shutil.which("prometheus")
+    if not binary:
+        pytest.skip("prometheus is not installed (Debian's package: `make system-deps`)")
+    config_map = one(prometheus_objects(render(*PROMETHEUS_ON)), "ConfigMap")
+    (tmp_path / "prometheus.yml").write_text(
+        config_map["data"]["prometheus.yml"].replace("/sd/", f"{tmp_path}/")
+    )
+    discovery = _discovery()
+    labels = {
+        "app.kubernetes.io/name": "llamaherd-server",
+        "llamaherd.io/inference-service": "chat",
+    }
+    server = {"name": "server", "ports": [{"name": "http", "containerPort": free_port()}]}
+    pods = [
+        _pod("team-a", "chat-1", labels, [server], ip="127.0.0.1"),
+        _pod("team-a", "chat-2", labels, [server], ip="127.0.0.2", phase="Pending"),
+    ]
+    discovery.write(
+        str(tmp_path), "llamaherd-server", [g for p in pods for g in discovery.pod_targets(p)]
+    )
+    discovery.write(str(tmp_path), "llamaherd-operator", [])
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path}/prometheus.yml",
+            f"--storage.tsdb.path={tmp_path}/data",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def targets() -> list[dict[str, str]] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets") as r:
+                    active = json.load(r)["data"]["activeTargets"]
+            except OSError:
+                return None
+            found = [t["labels"] for t in active if t["scrapePool"] == "llamaherd-server"]
+            return found or None
+
+        (found,) = wait_until(targets, timeout=30, what="prometheus targets")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert found["namespace"] == "team-a"
+    assert found["service"] == "chat"
+    assert found["pod"] == "chat-1"
+    assert found["job"] == "llamaherd-server"

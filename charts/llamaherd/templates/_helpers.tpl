@@ -71,3 +71,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* The in-cluster Prometheus (prometheus.enabled): its object names, labels and URL. */}}
+{{- define "llamaherd.prometheus.fullname" -}}
+{{- printf "%s-prometheus" (include "llamaherd.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Its own app.kubernetes.io/name, so that the operator's Service selector never picks it. */}}
+{{- define "llamaherd.prometheus.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-prometheus" (include "llamaherd.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: prometheus
+{{- end }}
+
+{{- define "llamaherd.prometheus.labels" -}}
+helm.sh/chart: {{ include "llamaherd.chart" . }}
+{{ include "llamaherd.prometheus.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llamaherd
+{{- end }}
+
+{{- define "llamaherd.prometheus.url" -}}
+{{- printf "http://%s.%s.svc.cluster.local:%v" (include "llamaherd.prometheus.fullname" .) .Release.Namespace .Values.prometheus.service.port }}
+{{- end }}
+
+{{/* The operator's default Prometheus: operator.prometheusUrl, else the in-cluster one. */}}
+{{- define "llamaherd.operatorPrometheusUrl" -}}
+{{- if .Values.operator.prometheusUrl }}
+{{- .Values.operator.prometheusUrl }}
+{{- else if .Values.prometheus.enabled }}
+{{- include "llamaherd.prometheus.url" . }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces the in-cluster Prometheus reads pods in (the release namespace for the operator);
+empty when it reads the whole cluster. */}}
+{{- define "llamaherd.prometheus.roleNamespaces" -}}
+{{- with .Values.prometheus.namespaces }}
+{{- toYaml (uniq (append . $.Release.Namespace)) }}
+{{- end }}
+{{- end }}
