@@ -23,11 +23,12 @@ model: setup ## generate the demo GGUF model (random weights, llama architecture
 run: model ## run the server on the demo model at http://127.0.0.1:$(PORT)
 	$(PY) -m llamaherd_server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
-test: setup system-deps binaries images ## set up everything and run the whole test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup system-deps binaries images kind-image ## set up everything, run every test (e2e on kind last)
+	set -o pipefail; kubeconfig=$$(bash hack/kind/cluster.sh up | tail -n 1) \
+	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m pytest tests e2e $(PYTEST_ARGS)
 
 test-unit: setup ## only the tests that need no cluster, Prometheus or Docker images
-	$(PY) -m pytest -m "not cluster and not prometheus and not images" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not prometheus and not images and not e2e" $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .

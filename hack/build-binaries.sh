@@ -16,7 +16,7 @@
 # installed with a rename, so an interrupted build never looks cached.
 #
 # etcd is built from go.etcd.io/etcd/server/v3 (its etcdmain package) at the version that
-# k8s.io/kubernetes' own go.mod requires (v3.6.4 for v1.34.4), not taken from Debian. Debian's
+# kubeadm v1.34.4 deploys (v3.6.5; k8s.io/kubernetes' go.mod requires its client v3.6.4), not Debian's. Debian's
 # etcd-server 3.4.23 does serve kube-apiserver 1.34 here, but the apiserver then logs
 # "RequestWatchProgress feature is not supported" and gives up consistent reads from its watch
 # cache: a mode that real clusters (etcd 3.5/3.6) never run; etcd 3.4 is out of upstream support.

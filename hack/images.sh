@@ -119,7 +119,7 @@ ensure_dockerd() {
             kill "$pid"
             for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         else
-            return
+            return 0
         fi
     fi
     need_root "starting dockerd"

@@ -11,4 +11,5 @@ kind-down: ## delete the kind cluster and its docker network
 	bash hack/kind/cluster.sh down
 
 e2e: setup binaries ## run the e2e suite on the kind cluster (creates it if needed)
-	$(PY) -m pytest e2e $(PYTEST_ARGS)
+	set -o pipefail; kubeconfig=$$(bash hack/kind/cluster.sh up | tail -n 1) \
+	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m pytest e2e -v $(PYTEST_ARGS)

@@ -25,6 +25,7 @@ SERVICE_SUBNET=198.19.0.0/20
 STATE=$CACHE/kind
 KUBECONFIG_PATH=$STATE/$CLUSTER.kubeconfig
 KIND=$CACHE/bin/kind-$KIND_VERSION/kind
+KUBECTL=$CACHE/bin/kubernetes-$KUBERNETES_VERSION/kubectl
 # Every image the e2e tests and the demo run, built by hack/images.sh.
 IMAGES=(llamaherd-server:cpu llamaherd-operator:dev llamaherd-prometheus:bookworm llamaherd-e2e-client:dev)
 STEP=start
@@ -46,6 +47,16 @@ node_running() {
     [ "$(docker inspect -f '{{.State.Running}}' "$CLUSTER-control-plane" 2>/dev/null)" = true ]
 }
 
+# api_ready SECONDS: the API server answers /readyz within that time.
+api_ready() {
+    local deadline=$((SECONDS + $1))
+    while ((SECONDS < deadline)); do
+        "$KUBECTL" --kubeconfig "$KUBECONFIG_PATH" get --raw /readyz >/dev/null 2>&1 && return 0
+        sleep 2
+    done
+    return 1
+}
+
 write_config() {
     local node_image=$1 config=$STATE/$CLUSTER.yaml
     mkdir -p "$STATE"
@@ -65,6 +76,11 @@ networking:
 nodes:
   - role: control-plane
     image: $node_image
+kubeadmConfigPatches:
+  - |
+    kind: KubeletConfiguration
+    # Written by the node's entrypoint: the node's resolv.conf without Docker's loopback DNS.
+    resolvConf: /etc/llamaherd/pod-resolv.conf
 YAML
         if lacks_sys_resource; then
             cat <<'YAML'
@@ -98,9 +114,15 @@ up() {
         fi
     fi
     if node_running; then
-        log "cluster $CLUSTER is running (reused)"
         "$KIND" export kubeconfig --name "$CLUSTER" --kubeconfig "$KUBECONFIG_PATH" >&2
-    else
+        if api_ready 60; then
+            log "cluster $CLUSTER is running (reused)"
+        else
+            log "cluster $CLUSTER runs but its API server does not answer: recreating it"
+            down_cluster
+        fi
+    fi
+    if ! node_running; then
         "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
         if ! docker network inspect "$NETWORK" >/dev/null 2>&1; then
             log "docker network $NETWORK ($NETWORK_SUBNET, IPv4 only)"
