@@ -15,6 +15,7 @@ second operator, not share work, so it buys nothing over Recreate here.
 from __future__ import annotations
 
 import logging
+import socket
 
 import kopf
 
@@ -59,6 +60,10 @@ def main() -> None:
         namespaces=settings.namespace_list,
         standalone=True,
         liveness_endpoint=settings.liveness_endpoint,
+        # kopf would otherwise name itself after the process's user, and an arbitrary uid (the
+        # chart's runAsUser, OpenShift's ranges) has no passwd entry: getpwuid() fails at start.
+        # (kopf's Identity, a NewType of str, is not exported.)
+        identity=f"llamaherd-operator@{socket.gethostname()}",  # type: ignore[arg-type]
     )
 
 

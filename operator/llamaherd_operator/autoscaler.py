@@ -1,52 +1,72 @@
-"""The autoscaler: a kopf timer per InferenceService with ``spec.autoscaling.enabled``.
+"""The autoscaler: one operator-wide loop over the InferenceServices with autoscaling enabled.
 
-Every ``autoscale_interval_seconds`` it reads the service's signals from Prometheus
-(:mod:`llamaherd_operator.prom`), asks the pure policy (:mod:`llamaherd_operator.policy`) for
-the desired replicas, and, when they differ from ``spec.replicas``, writes them through the
-InferenceService's **scale subresource**. The reconcile handler then applies the Deployment
-with that count: the operator is the one owner of the replica count, and the Deployment
-follows the InferenceService.
+Every ``autoscale_interval_seconds`` it takes the services from the operator's kopf index, and
+for each: reads its signals from Prometheus (:mod:`llamaherd_operator.prom`), asks the pure
+policy (:mod:`llamaherd_operator.policy`) for the desired replicas, and, when they differ from
+``spec.replicas``, writes them through the InferenceService's **scale subresource**. The
+reconcile then applies the Deployment with that count: the Deployment follows the
+InferenceService.
 
 ``kubectl scale inferenceservice NAME --replicas=N``:
 - autoscaling off: ``spec.replicas`` rules; the Deployment follows it;
 - autoscaling on: N is taken as the current size (clamped to [minReplicas, maxReplicas]); the
   next period may move it again from the metrics, as with an HPA.
 
+It holds (``ScalingActive`` False, no replica written) when:
+- a HorizontalPodAutoscaler in the namespace targets the InferenceService or its Deployment
+  (``ConflictingAutoscaler``): two owners of the replica count would fight;
+- ``spec.autoscaling.prometheusUrl`` is not allowed by the operator's
+  ``allowed_prometheus_urls`` (``PrometheusURLNotAllowed``): no request goes to it.
+
 What it writes to ``.status`` (field manager ``llamaherd-autoscaler``, so it never fights the
 reconcile over fields): ``queueDepth``, ``latencyP95Ms``, ``lastScaleTime``, the last 10
 ``scalingDecisions`` that changed the size, and the ``ScalingActive`` condition. Every change of
 size, and every change of the reason it holds, is a Kubernetes Event with the numbers.
 
-kopf puts a finalizer on objects that have a timer (to stop it cleanly), so an autoscaled
-InferenceService needs the operator running to be deleted; docs/autoscaling.md says how to
-remove it by hand after an uninstall.
+No per-object kopf timer: those make kopf put a finalizer on every autoscaled service, and then
+deleting one needs the operator running.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import kopf
-from lightkube import AsyncClient
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.types import PatchType
 
-from llamaherd_operator import names
-from llamaherd_operator.kube import InferenceService
+from llamaherd_operator.handlers import indexed
+from llamaherd_operator.kube import Kube, KubeError, status_code
 from llamaherd_operator.metrics import OperatorMetrics
-from llamaherd_operator.policy import Decision, History, ScalingSpec, decide
-from llamaherd_operator.prom import MetricsUnavailable, PrometheusClient, Queries, selector_for
+from llamaherd_operator.policy import (
+    Decision,
+    History,
+    ScalingSpec,
+    conflicting_autoscalers,
+    decide,
+)
+from llamaherd_operator.prom import (
+    MetricsUnavailable,
+    PrometheusClient,
+    Queries,
+    prometheus_url_allowed,
+    selector_for,
+)
 
 log = logging.getLogger("llamaherd_operator.autoscaler")
 
 FIELD_MANAGER = "llamaherd-autoscaler"
 SCALING_ACTIVE = "ScalingActive"
 MAX_DECISIONS = 10
+CONFLICTING_AUTOSCALER = "ConflictingAutoscaler"
+PROMETHEUS_URL_NOT_ALLOWED = "PrometheusURLNotAllowed"
+CONCURRENCY = 10  # services sized at the same time
 
 Key = tuple[str, str]
 
@@ -58,8 +78,10 @@ class AutoscalerState:
     prometheus_url: str
     selector_template: str
     staleness_s: float
+    allowed_urls: list[str] = field(default_factory=list)
     histories: dict[Key, History] = field(default_factory=dict)
     last_reason: dict[Key, str] = field(default_factory=dict)
+    hpa_warned: set[str] = field(default_factory=set)
 
 
 def forget(state: AutoscalerState, key: Key) -> None:
@@ -76,7 +98,44 @@ def autoscaling_enabled(spec: Any) -> bool:
     return bool((spec.get("autoscaling") or {}).get("enabled"))
 
 
-async def autoscale_once(body: Any, state: AutoscalerState, client: AsyncClient) -> Decision | None:
+def hold(current: int, reason: str, message: str) -> Decision:
+    """Keep the current size and say why scaling is not active."""
+    return Decision(current, current, reason, message, scaling_active=False)
+
+
+def precheck(
+    body: Mapping[str, Any], state: AutoscalerState, hpas: list[Mapping[str, Any]]
+) -> Decision | None:
+    """A reason to hold before any query is sent: another autoscaler, a URL not allowed."""
+    meta, spec = body["metadata"], body["spec"]
+    current = int(spec.get("replicas", 1))
+    conflicts = conflicting_autoscalers(hpas, meta["name"])
+    if conflicts:
+        return hold(
+            current,
+            CONFLICTING_AUTOSCALER,
+            f"HorizontalPodAutoscaler {', '.join(conflicts)} also scales {meta['name']}; "
+            f"holding {current} replicas: delete the HorizontalPodAutoscaler or set "
+            "spec.autoscaling.enabled to false",
+        )
+    url = (spec.get("autoscaling") or {}).get("prometheusUrl") or state.prometheus_url
+    if not prometheus_url_allowed(url, state.prometheus_url, state.allowed_urls):
+        return hold(
+            current,
+            PROMETHEUS_URL_NOT_ALLOWED,
+            f"spec.autoscaling.prometheusUrl {url} is not allowed by the operator "
+            "(LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS); no query is sent to it; "
+            f"holding {current} replicas",
+        )
+    return None
+
+
+async def autoscale_once(
+    body: Mapping[str, Any],
+    state: AutoscalerState,
+    kube: Kube,
+    hpas: list[Mapping[str, Any]] | None = None,
+) -> Decision | None:
     """One period for one InferenceService: measure, decide, scale, report."""
     meta, spec = body["metadata"], body["spec"]
     key: Key = (meta["namespace"], meta["name"])
@@ -86,25 +145,28 @@ async def autoscale_once(body: Any, state: AutoscalerState, client: AsyncClient)
     scaling = ScalingSpec.from_resource(spec)
     current = int(spec.get("replicas", 1))
     auto = spec.get("autoscaling") or {}
-    url = auto.get("prometheusUrl") or state.prometheus_url
-    queries = Queries.for_selector(
-        selector_for(state.selector_template, *key), int(auto.get("metricsWindowSeconds", 60))
-    )
-    started = time.perf_counter()
-    error = "no metrics"
-    try:
-        signals = await state.prometheus.service_metrics(
-            url, queries, staleness_s=state.staleness_s
+    signals = None
+    decision = precheck(body, state, list(hpas or []))
+    if decision is None:
+        url = auto.get("prometheusUrl") or state.prometheus_url
+        queries = Queries.for_selector(
+            selector_for(state.selector_template, *key), int(auto.get("metricsWindowSeconds", 60))
         )
-    except MetricsUnavailable as exc:
-        signals, error = None, str(exc)
-        state.metrics.query_errors.inc()
-    finally:
-        state.metrics.query_duration.observe(time.perf_counter() - started)
-    history = state.histories.setdefault(key, History())
-    decision = decide(
-        signals, current, time.monotonic(), scaling, history, unavailable_reason=error
-    )
+        started = time.perf_counter()
+        error = "no metrics"
+        try:
+            signals = await state.prometheus.service_metrics(
+                url, queries, staleness_s=state.staleness_s
+            )
+        except MetricsUnavailable as exc:
+            signals, error = None, str(exc)
+            state.metrics.query_errors.inc()
+        finally:
+            state.metrics.query_duration.observe(time.perf_counter() - started)
+        history = state.histories.setdefault(key, History())
+        decision = decide(
+            signals, current, time.monotonic(), scaling, history, unavailable_reason=error
+        )
     state.metrics.decisions.labels(direction=decision.direction).inc()
     labels = {"namespace": key[0], "inferenceservice": key[1]}
     state.metrics.desired_replicas.labels(**labels).set(decision.desired)
@@ -112,31 +174,34 @@ async def autoscale_once(body: Any, state: AutoscalerState, client: AsyncClient)
     state.metrics.max_replicas.labels(**labels).set(scaling.max_replicas)
 
     if decision.desired != current:
-        await client.patch(
-            InferenceService.Scale,
-            key[1],
-            {"spec": {"replicas": decision.desired}},
-            namespace=key[0],
-            patch_type=PatchType.MERGE,
-        )
+        await kube.scale_inference_service(*key, decision.desired, FIELD_MANAGER)
         log.info("%s/%s scaled %d -> %d: %s", *key, current, decision.desired, decision.message)
     changed_reason = state.last_reason.get(key) != decision.reason
     state.last_reason[key] = decision.reason
     if decision.desired != current or changed_reason:
-        kopf.event(
-            cast(kopf.Body, body),
-            type="Normal" if decision.scaling_active else "Warning",
-            reason=decision.reason,
-            message=decision.message,
-        )
-    await _write_status(client, body, decision, signals)
+        try:
+            await kube.post_event(
+                body,
+                "Normal" if decision.scaling_active else "Warning",
+                decision.reason,
+                decision.message,
+            )
+        except KubeError as err:
+            log.warning("could not post the %s Event: %s", decision.reason, err)
+    status = autoscaler_status(body.get("status") or {}, decision, signals, meta.get("generation"))
+    await kube.apply_status(*key, status, field_manager=FIELD_MANAGER)
     return decision
 
 
-async def _write_status(client: AsyncClient, body: Any, decision: Decision, signals: Any) -> None:
-    meta = body["metadata"]
-    old = body.get("status") or {}
-    now = _now_iso()
+def autoscaler_status(
+    old: Mapping[str, Any],
+    decision: Decision,
+    signals: Any,
+    generation: int | None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The autoscaler's part of ``.status`` after one decision (pure)."""
+    now = now or _now_iso()
     status: dict[str, Any] = {}
     if signals is not None:
         status["queueDepth"] = float(signals.waiting)
@@ -175,23 +240,75 @@ async def _write_status(client: AsyncClient, body: Any, decision: Decision, sign
             "lastTransitionTime": previous["lastTransitionTime"]
             if previous and previous.get("status") == active and previous.get("lastTransitionTime")
             else now,
-            "observedGeneration": meta.get("generation"),
+            "observedGeneration": generation,
         }
     ]
-    obj: Any = InferenceService.Status(
-        apiVersion=names.API_VERSION,
-        kind=names.KIND,
-        metadata=ObjectMeta(name=meta["name"], namespace=meta["namespace"]),
-        status=status,
-    )
-    await client.apply(
-        obj, meta["name"], namespace=meta["namespace"], field_manager=FIELD_MANAGER, force=True
-    )
+    return status
+
+
+async def _namespace_hpas(state: AutoscalerState, kube: Kube, namespace: str) -> list[Any]:
+    try:
+        return await kube.list_horizontal_pod_autoscalers(namespace)
+    except KubeError as err:
+        if namespace not in state.hpa_warned:  # say it once per namespace, then keep going
+            state.hpa_warned.add(namespace)
+            hint = " (RBAC: list horizontalpodautoscalers)" if status_code(err) == 403 else ""
+            log.warning("cannot list HorizontalPodAutoscalers in %s%s: %s", namespace, hint, err)
+        return []
+
+
+async def autoscale_all(
+    bodies: Iterable[Mapping[str, Any]], state: AutoscalerState, kube: Kube
+) -> None:
+    """One period for every autoscaled service, a few at a time."""
+    services = [
+        body
+        for body in bodies
+        if autoscaling_enabled(body.get("spec") or {})
+        and not body["metadata"].get("deletionTimestamp")
+    ]
+    keys = {(b["metadata"]["namespace"], b["metadata"]["name"]) for b in services}
+    for key in set(state.histories) | set(state.last_reason):
+        if key not in keys:
+            forget(state, key)
+    namespaces = sorted({key[0] for key in keys})
+    found = await asyncio.gather(*(_namespace_hpas(state, kube, ns) for ns in namespaces))
+    hpas = dict(zip(namespaces, found, strict=True))
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(body: Mapping[str, Any]) -> None:
+        async with limit:
+            started = time.perf_counter()
+            try:
+                await autoscale_once(body, state, kube, hpas[body["metadata"]["namespace"]])
+            except Exception as exc:  # the next period tries again; say why now
+                state.metrics.errors.inc()
+                log.warning(
+                    "autoscaling %s/%s failed: %s",
+                    body["metadata"]["namespace"],
+                    body["metadata"]["name"],
+                    exc,
+                )
+            finally:
+                state.metrics.autoscale_duration.observe(time.perf_counter() - started)
+
+    await asyncio.gather(*(one(body) for body in services))
+
+
+async def autoscale_loop(memo: Any, state: AutoscalerState, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        operator = getattr(memo, "state", None)
+        if operator is None:
+            continue
+        try:
+            await autoscale_all(list(indexed(operator.index)), state, operator.kube)
+        except Exception:  # never let one bad period end the loop
+            log.exception("autoscaling period failed")
 
 
 def register(registry: kopf.OperatorRegistry, settings: Any) -> None:
-    """The timer, its shared state, and the operator's /metrics endpoint."""
-    resource = (names.GROUP, names.VERSION, names.PLURAL)
+    """The autoscaling loop, its shared state, and the operator's /metrics endpoint."""
     holder: dict[str, Any] = {}
 
     @kopf.on.startup(registry=registry)
@@ -201,42 +318,23 @@ def register(registry: kopf.OperatorRegistry, settings: Any) -> None:
         if settings.metrics_port:
             metrics.serve(settings.metrics_host, settings.metrics_port)
         holder["http"] = httpx.AsyncClient()
-        holder["client"] = AsyncClient(field_manager=FIELD_MANAGER)
-        holder["state"] = AutoscalerState(
+        state = AutoscalerState(
             prometheus=PrometheusClient(holder["http"], settings.prometheus_timeout_seconds),
             metrics=metrics,
             prometheus_url=settings.prometheus_url,
             selector_template=settings.metrics_selector,
             staleness_s=settings.metrics_staleness_seconds,
+            allowed_urls=settings.allowed_prometheus_url_list,
+        )
+        holder["task"] = asyncio.create_task(
+            autoscale_loop(memo, state, settings.autoscale_interval_seconds), name="autoscaler"
         )
 
     @kopf.on.cleanup(registry=registry)
     async def stop_autoscaler(**_: Any) -> None:
+        if "task" in holder:
+            holder["task"].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder["task"]
         if "http" in holder:
             await holder["http"].aclose()
-            await holder["client"].close()
-
-    @kopf.timer(
-        *resource,
-        id="autoscale",
-        interval=settings.autoscale_interval_seconds,
-        initial_delay=settings.autoscale_interval_seconds,
-        idle=None,
-        when=lambda spec, **_: autoscaling_enabled(spec),
-        registry=registry,
-    )
-    async def autoscale(body: kopf.Body, logger: Any, **_: Any) -> None:
-        state: AutoscalerState = holder["state"]
-        started = time.perf_counter()
-        try:
-            await autoscale_once(body, state, holder["client"])
-        except Exception as exc:  # the next period tries again; say why now
-            state.metrics.errors.inc()
-            logger.warning(
-                "autoscaling %s/%s failed: %s",
-                body["metadata"]["namespace"],
-                body["metadata"]["name"],
-                exc,
-            )
-        finally:
-            state.metrics.autoscale_duration.observe(time.perf_counter() - started)

@@ -63,6 +63,7 @@ class BuildOptions:
     pre_stop_sleep_seconds: int = 5
     termination_grace_margin_seconds: int = 10
     service_monitor_interval: str = "15s"
+    service_monitor_labels: tuple[tuple[str, str], ...] = ()
 
 
 def server_env_name(field: str) -> str:
@@ -466,10 +467,13 @@ def build_pdb(body: Body) -> Manifest:
 
 def build_service_monitor(body: Body, options: BuildOptions | None = None) -> Manifest:
     options = options or BuildOptions()
+    metadata = _metadata(body)
+    # Extra labels (a Prometheus' serviceMonitorSelector) never replace the operator's own.
+    metadata["labels"] = {**dict(options.service_monitor_labels), **metadata["labels"]}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _metadata(body),
+        "metadata": metadata,
         "spec": {
             "selector": {"matchLabels": selector_labels(body["metadata"]["name"])},
             "endpoints": [

@@ -7,6 +7,7 @@ at the next reconcile. Manifests come in as plain dicts from :mod:`llamaherd_ope
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,10 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.autoscaling_v2 import HorizontalPodAutoscaler
 from lightkube.resources.core_v1 import PersistentVolumeClaim, Pod
 from lightkube.resources.policy_v1 import PodDisruptionBudget
+from lightkube.types import PatchType
 
 from llamaherd_operator import names
 
@@ -99,13 +102,87 @@ class Kube:
 
     async def delete_pdb(self, namespace: str, name: str) -> bool:
         """Delete the PodDisruptionBudget if there is one; True when one was deleted."""
+        return await self._delete(PodDisruptionBudget, namespace, name)
+
+    async def delete_service_monitor(self, namespace: str, name: str) -> bool:
+        """Delete the ServiceMonitor if there is one; True when one was deleted."""
+        return await self._delete(ServiceMonitor, namespace, name)
+
+    async def remove_finalizer(self, namespace: str, name: str, finalizer: str) -> bool:
+        """Take ``finalizer`` off an InferenceService; True when this call removed it.
+
+        A JSON patch that first tests the list entry, so it never removes another finalizer
+        when the list changed since it was read (the test fails with 422: nothing to do).
+        """
+        service = await self.get_inference_service(namespace, name)
+        present = list((service or {}).get("metadata", {}).get("finalizers") or [])
+        if finalizer not in present:
+            return False
+        index = present.index(finalizer)
+        path = f"/metadata/finalizers/{index}"
         try:
-            await self.client.delete(PodDisruptionBudget, name, namespace=namespace)
+            await self.client.patch(
+                InferenceService,
+                name,
+                [{"op": "test", "path": path, "value": finalizer}, {"op": "remove", "path": path}],
+                namespace=namespace,
+                patch_type=PatchType.JSON,
+            )
         except ApiError as err:
-            if status_code(err) == 404:
+            if status_code(err) in (404, 409, 422):
                 return False
             raise
         return True
+
+    async def scale_inference_service(
+        self, namespace: str, name: str, replicas: int, field_manager: str
+    ) -> None:
+        """Write ``spec.replicas`` through the InferenceService's scale subresource."""
+        await self.client.patch(
+            InferenceService.Scale,
+            name,
+            {"spec": {"replicas": replicas}},
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
+            field_manager=field_manager,
+        )
+
+    async def list_horizontal_pod_autoscalers(self, namespace: str) -> list[dict[str, Any]]:
+        """The autoscaling/v2 HorizontalPodAutoscalers of one namespace."""
+        return [
+            _as_dict(hpa)
+            async for hpa in self.client.list(HorizontalPodAutoscaler, namespace=namespace)
+        ]
+
+    async def post_event(
+        self, obj: Mapping[str, Any], type: str, reason: str, message: str
+    ) -> None:
+        """A core v1 Event about ``obj`` (what ``kubectl describe`` and ``get events`` show)."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", names.API_VERSION),
+                "kind": obj.get("kind", names.KIND),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": names.FIELD_MANAGER},
+            "reportingComponent": names.FIELD_MANAGER,
+            "reportingInstance": names.FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        manifest: Any = codecs.from_dict(event)
+        await self.client.create(manifest)
 
     async def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get(InferenceService, namespace, name)
@@ -133,9 +210,16 @@ class Kube:
         return any(version.name == "v1" and version.served for version in crd.spec.versions)
 
     async def apply_status(
-        self, namespace: str, name: str, status: Mapping[str, Any]
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        field_manager: str = names.FIELD_MANAGER,
     ) -> dict[str, Any] | None:
-        """Server-side apply the operator's part of ``.status``; None if the object is gone."""
+        """Server-side apply one manager's part of ``.status``; None if the object is gone.
+
+        The reconcile and the autoscaler use different field managers, so neither removes
+        the other's fields (``conditions`` is a list map keyed by ``type``)."""
         # lightkube types generic status objects as resources, not subresources: hence Any.
         obj: Any = InferenceService.Status(
             apiVersion=names.API_VERSION,
@@ -145,13 +229,22 @@ class Kube:
         )
         try:
             applied = await self.client.apply(
-                obj, name, namespace=namespace, field_manager=names.FIELD_MANAGER, force=True
+                obj, name, namespace=namespace, field_manager=field_manager, force=True
             )
         except ApiError as err:
             if status_code(err) == 404:
                 return None
             raise
         return _as_dict(applied)
+
+    async def _delete(self, resource: Any, namespace: str, name: str) -> bool:
+        try:
+            await self.client.delete(resource, name, namespace=namespace)
+        except ApiError as err:
+            if status_code(err) == 404:
+                return False
+            raise
+        return True
 
     async def _get(self, resource: Any, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,3 +220,19 @@ def decide(
             )
         return decision(stable, "ScaleDown", f"{current} -> {stable}")
     return decision(current, "Steady", f"{current} replicas fit the load")
+
+
+def conflicting_autoscalers(
+    hpas: list[Mapping[str, Any]], name: str, group: str = "llamaherd.io"
+) -> list[str]:
+    """Names of the HorizontalPodAutoscalers that target an InferenceService ``name`` (through
+    its scale subresource) or its Deployment (same name): a second owner of the replica count."""
+    found = []
+    for hpa in hpas:
+        ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+        api_group = str(ref.get("apiVersion", "")).partition("/")[0]
+        ours = ref.get("kind") == "InferenceService" and api_group == group
+        deployment = ref.get("kind") == "Deployment" and api_group == "apps"
+        if (ours or deployment) and ref.get("name") == name:
+            found.append(str(hpa["metadata"]["name"]))
+    return sorted(found)

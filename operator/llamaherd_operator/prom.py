@@ -63,6 +63,27 @@ class Queries:
         ]
 
 
+def prometheus_url_allowed(url: str, default_url: str, allowed: list[str]) -> bool:
+    """Whether the operator may send queries to ``url`` (server-side request forgery guard).
+
+    The operator's own Prometheus is always allowed. An entry of ``allowed`` matches the same
+    URL (a trailing ``/`` aside) and every URL below its path; an entry that ends in ``/``
+    matches only below it. Matching stops at a path boundary, so an entry
+    ``http://prom:9090`` does not allow ``http://prom:9090.evil.example`` or
+    ``http://prom:9090@evil.example``.
+    """
+    for entry in [default_url, *allowed]:
+        if not entry:
+            continue
+        if entry.endswith("/"):
+            if url.startswith(entry):
+                return True
+            continue
+        if url.rstrip("/") == entry or url.startswith(entry + "/"):
+            return True
+    return False
+
+
 def selector_for(template: str, namespace: str, name: str) -> str:
     return template.format(namespace=namespace, name=name)
 

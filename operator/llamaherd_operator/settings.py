@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamaherd_operator.builders import BuildOptions
@@ -64,6 +65,24 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="Network timeout of one blocking read in the model download.",
     )
+    resync_interval_seconds: float = Field(
+        default=300.0,
+        ge=1,
+        le=86400,
+        description="How often every InferenceService is reconciled even when no event came: "
+        "the periodic resync that catches what watch events missed.",
+    )
+    service_monitors_enabled: bool = Field(
+        default=True,
+        description="Create a ServiceMonitor per InferenceService where the Prometheus "
+        "operator's CRD exists; false deletes the ones the operator made (for example when a "
+        "PodMonitor already scrapes the pods).",
+    )
+    service_monitor_labels: str = Field(
+        default="",
+        description="Extra labels on every ServiceMonitor, as a JSON object "
+        '(\'{"release": "kube-prometheus-stack"}\') or comma-separated key=value pairs.',
+    )
     pre_stop_sleep_seconds: int = Field(
         default=5,
         ge=0,
@@ -75,7 +94,14 @@ class OperatorSettings(BaseSettings):
     prometheus_url: str = Field(
         default="http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus that scrapes the server pods; an InferenceService's "
-        "spec.autoscaling.prometheusUrl overrides it.",
+        "spec.autoscaling.prometheusUrl overrides it when allowed_prometheus_urls lets it.",
+    )
+    allowed_prometheus_urls: str = Field(
+        default="",
+        description="Comma-separated URLs an InferenceService's spec.autoscaling.prometheusUrl "
+        "may name: an entry matches that URL and every URL below its path (an entry ending "
+        "in / matches only below it). prometheus_url is always allowed; empty allows no "
+        "other.",
     )
     prometheus_timeout_seconds: float = Field(
         default=5.0, gt=0, le=120, description="Timeout of one PromQL query."
@@ -100,9 +126,23 @@ class OperatorSettings(BaseSettings):
         default=8081, ge=0, le=65535, description="Port of the operator's /metrics (0 = off)."
     )
 
+    @field_validator("service_monitor_labels")
+    @classmethod
+    def _labels_parse(cls, value: str) -> str:
+        parse_labels(value)  # fail at start, not at the first ServiceMonitor
+        return value
+
     @property
     def namespace_list(self) -> list[str]:
         return [item.strip() for item in self.namespaces.split(",") if item.strip()]
+
+    @property
+    def allowed_prometheus_url_list(self) -> list[str]:
+        return [item.strip() for item in self.allowed_prometheus_urls.split(",") if item.strip()]
+
+    @property
+    def service_monitor_label_map(self) -> dict[str, str]:
+        return parse_labels(self.service_monitor_labels)
 
     @property
     def clusterwide(self) -> bool:
@@ -119,4 +159,24 @@ class OperatorSettings(BaseSettings):
             download_retries=self.model_download_retries,
             download_timeout_seconds=self.model_download_timeout_seconds,
             pre_stop_sleep_seconds=self.pre_stop_sleep_seconds,
+            service_monitor_labels=tuple(sorted(self.service_monitor_label_map.items())),
         )
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Labels from a JSON object or from ``key=value,key2=value2``; empty gives none."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"labels must be a JSON object, got {text!r}")
+        return {str(key): str(value) for key, value in loaded.items()}
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"labels must be key=value pairs, got {item!r}")
+        labels[key.strip()] = value.strip()
+    return labels

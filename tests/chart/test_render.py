@@ -998,3 +998,41 @@ def test_real_prometheus_labels_the_discovered_targets(
     assert found["service"] == "chat"
     assert found["pod"] == "chat-1"
     assert found["job"] == "llamaherd-server"
+
+
+def test_operator_guard_and_service_monitor_values(
+    render: Callable[..., Objects], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """allowedPrometheusUrls, resyncIntervalSeconds and serviceMonitors reach the settings."""
+    for name, value in _operator_env(render(None)).items():
+        monkeypatch.setenv(name, value)
+    defaults = OperatorSettings()
+    assert defaults.allowed_prometheus_url_list == []
+    assert defaults.service_monitors_enabled is True
+    assert defaults.service_monitor_label_map == {}
+    assert defaults.resync_interval_seconds == 300
+
+    for name, value in _operator_env(render(VALUES["all-on"])).items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.allowed_prometheus_url_list == [
+        "http://prometheus.team-a:9090",
+        "https://thanos.example/tenant-a/",
+    ]
+    assert settings.service_monitors_enabled is False
+    assert settings.service_monitor_label_map == {"release": "kube-prometheus-stack"}
+    assert settings.resync_interval_seconds == 120
+    assert settings.build_options().service_monitor_labels == (
+        ("release", "kube-prometheus-stack"),
+    )
+
+
+def test_rbac_reads_horizontal_pod_autoscalers() -> None:
+    """The autoscaler looks for HPAs that would fight it over the replica count."""
+    rules = _rbac_source_rules()
+    assert any(
+        "autoscaling" in r["apiGroups"]
+        and "horizontalpodautoscalers" in r["resources"]
+        and {"get", "list"} <= set(r["verbs"])
+        for r in rules
+    )

@@ -58,7 +58,18 @@ def operator(
     control_plane: ControlPlane, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     logs = Path(getattr(control_plane, "logs_dir", None) or tmp_path_factory.mktemp("operator"))
-    process = OperatorProcess(control_plane.kubeconfig, logs / "llamaherd-operator.log")
+    process = OperatorProcess(
+        control_plane.kubeconfig,
+        logs / "llamaherd-operator.log",
+        env={
+            # Short periods so the loops show within a test's patience.
+            "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "1",
+            "LLAMAHERD_OPERATOR_RESYNC_INTERVAL_SECONDS": "3",
+            # Nothing listens here: an allowed URL that fails fast (MetricsUnavailable).
+            "LLAMAHERD_OPERATOR_PROMETHEUS_URL": "http://127.0.0.1:9",
+            "LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS": "http://127.0.0.1:9/allowed/",
+        },
+    )
     process.start()
     yield process
     process.stop()
@@ -355,6 +366,224 @@ def test_scale_subresource(
     )
 
 
+LEGACY_FINALIZER = "llamaherd.io/finalizer"
+
+
+def test_autoscaled_service_has_no_finalizer_and_deletes_without_the_operator(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    autoscaling = {"enabled": True, "minReplicas": 2, "maxReplicas": 3}
+    create_ok(control_plane, manifest("nofin", namespace, replicas=2, autoscaling=autoscaling))
+    # An upgraded cluster: an earlier operator (kopf timers) left its finalizer on this one.
+    legacy = manifest("legacy", namespace, replicas=2, autoscaling=autoscaling)
+    legacy["metadata"]["finalizers"] = [LEGACY_FINALIZER, "example.com/keep"]
+    create_ok(control_plane, legacy)
+    for name in ("nofin", "legacy"):
+        for kind in ("deployment", "service", "pdb"):
+            eventually(partial(get, control_plane, kind, name, namespace), f"{name} {kind}")
+        # The autoscaling loop has been over it (no Prometheus here: it holds, and says so).
+        wait_condition(control_plane, name, namespace, "ScalingActive", "False")
+    eventually(
+        lambda: (
+            must_get(control_plane, "lhis", "legacy", namespace)["metadata"].get("finalizers")
+            == ["example.com/keep"]
+        ),
+        "the legacy finalizer removed, the foreign one kept",
+    )
+    assert not must_get(control_plane, "lhis", "nofin", namespace)["metadata"].get("finalizers")
+    patch(control_plane, "lhis", "legacy", namespace, {"metadata": {"finalizers": None}})
+
+    operator.stop()
+    try:
+        for name in ("nofin", "legacy"):
+            proc = control_plane.kubectl(
+                "delete", "lhis", name, "-n", namespace, "--wait=true", "--timeout=30s"
+            )
+            assert proc.returncode == 0, proc.stderr
+            assert absent(control_plane, "lhis", name, namespace)
+            for kind in ("deployment", "service", "pdb"):
+                eventually(partial(absent, control_plane, kind, name, namespace), kind, timeout=90)
+    finally:
+        operator.start()
+
+
+def test_a_stuck_deletion_is_released(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    """Deleted while an earlier operator's finalizer held it: the new operator lets it go."""
+    operator.stop()
+    try:
+        stuck = manifest("stuck", namespace, autoscaling={"enabled": True})
+        stuck["metadata"]["finalizers"] = [LEGACY_FINALIZER]
+        create_ok(control_plane, stuck)
+        proc = control_plane.kubectl("delete", "lhis", "stuck", "-n", namespace, "--wait=false")
+        assert proc.returncode == 0, proc.stderr
+        assert must_get(control_plane, "lhis", "stuck", namespace)["metadata"]["deletionTimestamp"]
+    finally:
+        operator.start()
+    eventually(partial(absent, control_plane, "lhis", "stuck", namespace), "stuck deleted")
+
+
+def test_drift_is_reverted(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    create_ok(control_plane, manifest("drift", namespace, replicas=2, server={"slots": 4}))
+    deployment = eventually(
+        lambda: get(control_plane, "deployment", "drift", namespace), "Deployment"
+    )
+    eventually(lambda: get(control_plane, "pdb", "drift", namespace), "PDB")
+
+    # kubectl scale and an edit of the pod template's env: both put back within seconds.
+    proc = control_plane.kubectl("scale", "deployment/drift", "-n", namespace, "--replicas=5")
+    assert proc.returncode == 0, proc.stderr
+    proc = control_plane.kubectl(
+        "set", "env", "deployment/drift", "-n", namespace, "-c", "server", "LLAMAHERD_SLOTS=9"
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    def reverted() -> dict[str, Any] | None:
+        dep = must_get(control_plane, "deployment", "drift", namespace)
+        env = env_of(server_container(dep))
+        return dep if dep["spec"]["replicas"] == 2 and env["LLAMAHERD_SLOTS"] == "4" else None
+
+    after = eventually(reverted, "replicas and env reverted", timeout=30)
+    assert spec_hash(after) == spec_hash(deployment)
+
+    # A deleted Service and a deleted PDB come back.
+    for kind in ("service", "pdb"):
+        old = must_get(control_plane, kind, "drift", namespace)
+        control_plane.kubectl("delete", kind, "drift", "-n", namespace, check=True)
+
+        def recreated(kind: str = kind, old: dict[str, Any] = old) -> bool:
+            new = get(control_plane, kind, "drift", namespace)
+            return bool(new) and new["metadata"]["uid"] != old["metadata"]["uid"]
+
+        eventually(recreated, f"{kind} re-created", timeout=30)
+
+    # A changed Service (a field the operator sets) comes back too.
+    patch(control_plane, "service", "drift", namespace,
+          {"metadata": {"annotations": {"prometheus.io/scrape": "false"}}})  # fmt: skip
+
+    def service_reverted() -> bool:
+        service = must_get(control_plane, "service", "drift", namespace)
+        return service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+    eventually(service_reverted, "Service annotation reverted", timeout=30)
+
+    # What no watch event shows (metadata only, no new generation) the periodic resync puts
+    # back: the operator here resyncs every 3 s.
+    proc = control_plane.kubectl(
+        "annotate", "deployment", "drift", "-n", namespace, "llamaherd.io/generation=99",
+        "--overwrite",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    eventually(
+        lambda: (
+            must_get(control_plane, "deployment", "drift", namespace)["metadata"]["annotations"][
+                "llamaherd.io/generation"
+            ]
+            == "1"
+        ),
+        "annotation reverted by the resync",
+        timeout=30,
+    )
+
+
+def test_autoscaler_replicas_are_not_reverted(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    """The scale subresource moves the InferenceService; the Deployment follows and stays."""
+    body = manifest("owner", namespace, replicas=1, autoscaling={"enabled": True, "maxReplicas": 4})
+    create_ok(control_plane, body)
+    eventually(lambda: get(control_plane, "deployment", "owner", namespace), "Deployment")
+    proc = control_plane.kubectl(
+        "patch", "lhis", "owner", "-n", namespace, "--subresource=scale", "--type=merge",
+        "-p", json.dumps({"spec": {"replicas": 3}}), "--field-manager=llamaherd-autoscaler",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    eventually(
+        lambda: must_get(control_plane, "deployment", "owner", namespace)["spec"]["replicas"] == 3,
+        "Deployment follows to 3",
+    )
+    time.sleep(4)  # more than one resync period
+    assert must_get(control_plane, "deployment", "owner", namespace)["spec"]["replicas"] == 3
+    assert must_get(control_plane, "lhis", "owner", namespace)["spec"]["replicas"] == 3
+
+
+def test_prometheus_url_not_allowed(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    bad = {"enabled": True, "prometheusUrl": "http://169.254.169.254/latest"}
+    create_ok(control_plane, manifest("ssrf", namespace, autoscaling=bad))
+    found = wait_condition(
+        control_plane, "ssrf", namespace, "ScalingActive", "False", "PrometheusURLNotAllowed"
+    )
+    assert "http://169.254.169.254/latest" in found["message"]
+    # Below an allowed prefix: allowed (and then fails to connect, as nothing listens).
+    allowed = {"enabled": True, "prometheusUrl": "http://127.0.0.1:9/allowed/prom"}
+    patch(control_plane, "lhis", "ssrf", namespace, {"spec": {"autoscaling": allowed}})
+    wait_condition(control_plane, "ssrf", namespace, "ScalingActive", "False", "MetricsUnavailable")
+    events = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector",
+        "involvedObject.kind=InferenceService,involvedObject.name=ssrf", "-o", "json",
+    )  # fmt: skip
+    reasons = {e["reason"] for e in json.loads(events.stdout)["items"]}
+    assert "PrometheusURLNotAllowed" in reasons
+
+
+def test_conflicting_hpa_is_reported_and_not_fought(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str
+) -> None:
+    create_ok(
+        control_plane,
+        manifest("fought", namespace, replicas=2, autoscaling={"enabled": True, "maxReplicas": 5}),
+    )
+    eventually(lambda: get(control_plane, "deployment", "fought", namespace), "Deployment")
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "users-hpa", "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": API_VERSION,
+                "kind": "InferenceService",
+                "name": "fought",
+            },
+            "minReplicas": 1,
+            "maxReplicas": 5,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 50},
+                    },
+                }
+            ],
+        },
+    }
+    create_ok(control_plane, hpa)
+    found = wait_condition(
+        control_plane, "fought", namespace, "ScalingActive", "False", "ConflictingAutoscaler"
+    )
+    assert "users-hpa" in found["message"]
+    events = control_plane.kubectl(
+        "get", "events", "-n", namespace, "--field-selector",
+        "involvedObject.kind=InferenceService,involvedObject.name=fought", "-o", "json",
+    )  # fmt: skip
+    assert "ConflictingAutoscaler" in {e["reason"] for e in json.loads(events.stdout)["items"]}
+    control_plane.kubectl("delete", "hpa", "users-hpa", "-n", namespace, check=True)
+    eventually(
+        lambda: (
+            condition(get(control_plane, "lhis", "fought", namespace), "ScalingActive").get(
+                "reason"
+            )
+            != "ConflictingAutoscaler"
+        ),
+        "conflict cleared once the HPA is gone",
+    )
+
+
 def test_delete_garbage_collects_everything(
     control_plane: ControlPlane, operator: OperatorProcess, namespace: str
 ) -> None:
@@ -576,7 +805,8 @@ def test_service_monitor_once_its_crd_exists(
         assert found["metadata"]["ownerReferences"][0]["name"] == "before"
     finally:
         control_plane.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com")
-    log = operator.log_path.read_text(errors="replace")
+    # Once per operator process (the log file holds every start of the module's operator).
+    log = operator.log_path.read_text(errors="replace").rsplit("=== start", 1)[-1]
     assert log.count("monitoring.coreos.com CRDs not found") == 1
 
 
