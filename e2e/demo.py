@@ -134,7 +134,7 @@ def main() -> int:
         say("the service did not scale up within the demo's time: see the decisions above")
     print(f"""
 [demo] done. The service is still running; to talk to it:
-  export KUBECONFIG={kubeconfig}
+  export KUBECONFIG={kubeconfig} PATH={binary_path("kubectl").parent}:$PATH
   kubectl -n {NAMESPACE} port-forward svc/{NAME} 8000:80 &
   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{NAME}", "max_tokens": 16,
