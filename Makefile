@@ -28,7 +28,7 @@ test: setup system-deps binaries images kind-image ## set up everything, run eve
 	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m pytest tests e2e $(PYTEST_ARGS)
 
 test-unit: setup ## only the tests that need no cluster, Prometheus or Docker images
-	$(PY) -m pytest -m "not cluster and not prometheus and not images and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not cluster and not prometheus and not images and not e2e and not tools" $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -64,7 +64,7 @@ def main() -> int:
 
     say(
         "installing the chart: helm upgrade --install llamaherd charts/llamaherd "
-        "-n llamaherd-system --create-namespace -f examples/kind-values.yaml"
+        "-n llamaherd-system --create-namespace -f examples/helm/kind-values.yaml"
     )
     helm_install(kube)
     say("starting the in-cluster model server (generated GGUF models, random weights)")

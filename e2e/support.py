@@ -60,7 +60,7 @@ def helm_install(kube: Kube) -> None:
         RELEASE_NAMESPACE,
         "--create-namespace",
         "-f",
-        "examples/kind-values.yaml",
+        "examples/helm/kind-values.yaml",
         "--wait",
         "--timeout",
         "5m",

@@ -49,7 +49,7 @@ def prometheus_restored(kube: Kube, operator: Chart) -> Iterator[None]:
     if kube.get("deployment", PROMETHEUS_DEPLOYMENT, RELEASE_NAMESPACE) is None:
         pytest.fail(
             f"deployment/{PROMETHEUS_DEPLOYMENT} is missing in {RELEASE_NAMESPACE}: install the "
-            "chart with prometheus.enabled=true (examples/kind-values.yaml)"
+            "chart with prometheus.enabled=true (examples/helm/kind-values.yaml)"
         )
     yield
     _scale_prometheus(kube, 1)

@@ -16,7 +16,6 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -293,9 +292,11 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def download_script() -> str:
-    """Source of :mod:`llamaherd_operator.model_download`, run with ``python -c``."""
-    return (Path(__file__).parent / "model_download.py").read_text(encoding="utf-8")
+# The init container runs the download module that ships in the server image (the image
+# installs the whole project; the module and its package import only the standard library).
+# Only this fixed command and the env enter the pod template, so a new operator version with
+# a changed download module leaves every pod template, and so every running pod, alone.
+DOWNLOAD_COMMAND = ("python", "-m", "llamaherd_operator.model_download")
 
 
 def download_container(spec: Mapping[str, Any], options: BuildOptions) -> dict[str, Any]:
@@ -312,7 +313,7 @@ def download_container(spec: Mapping[str, Any], options: BuildOptions) -> dict[s
         "name": names.DOWNLOAD_CONTAINER,
         "image": spec.get("image", DEFAULT_IMAGE),
         "imagePullPolicy": spec.get("imagePullPolicy", DEFAULT_IMAGE_PULL_POLICY),
-        "command": ["python", "-c", download_script()],
+        "command": list(DOWNLOAD_COMMAND),
         "env": env,
         "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_CACHE_DIR}],
         "securityContext": _container_security(),

@@ -1,8 +1,13 @@
 """Model download, run by the server pod's init container (standard library only).
 
-The builders pass this file's source to ``python -c`` in the server image, so it must not import
-anything outside the standard library nor anything from this package. It downloads
-``DOWNLOAD_URL`` to ``DOWNLOAD_PATH`` with retries and a per-attempt timeout, checks
+The init container runs ``python -m llamaherd_operator.model_download`` in the *server* image,
+which installs the whole project but not the operator's dependencies (kopf, lightkube): this
+module must import nothing outside the standard library nor anything else from this package, and
+the package's ``__init__`` must stay import-free. What runs is the server image's copy, so an
+operator upgrade never changes a pod template through it. Keep its env contract (``DOWNLOAD_*``)
+stable: the operator that sets it and the server image that runs it may differ in version.
+
+It downloads ``DOWNLOAD_URL`` to ``DOWNLOAD_PATH`` with retries and a per-attempt timeout, checks
 ``DOWNLOAD_SHA256`` when given, and writes the file atomically (``.part`` then rename), so a file
 that is present is complete: with a matching hash (or no hash to check) it is kept and nothing is
 downloaded. The last line on stderr says what went wrong; the pod's

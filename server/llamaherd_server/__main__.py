@@ -14,13 +14,12 @@ refused by llama.cpp) makes the process exit 1 within seconds, with one log line
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -36,38 +35,53 @@ from .settings import ENV_PREFIX, ServerSettings
 
 log = logging.getLogger("llamaherd.server")
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but a first exit signal drains the engine before the server stops."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
-        super().__init__(config)
+class Shutdown:
+    """The process's own SIGTERM/SIGINT handling around a plain ``uvicorn.Server``.
+
+    The first signal drains: the engine admits nothing new (/ready and new requests get 503),
+    queued and running requests finish up to ``drain_timeout`` (what is left then fails), and
+    then the server stops through its public ``should_exit``. A second signal stops it at once
+    (``force_exit``: no waiting for open connections)."""
+
+    def __init__(self, server: uvicorn.Server, drain_timeout: float) -> None:
+        self.server = server
         self.drain_timeout = drain_timeout
-        self._draining = False
         self.exit_code = 0
+        self.draining = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     def fail(self, _message: str) -> None:
         """Stop the server and exit non-zero (the model could not be loaded). Any thread."""
         self.exit_code = 1
-        self.should_exit = True
+        self.server.should_exit = True
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining:
-            super().handle_exit(sig, frame)
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in SHUTDOWN_SIGNALS:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+
+    def on_signal(self, sig: int) -> None:
+        if self.draining or self.server.should_exit:
+            log.warning("signal %d again: exiting now", sig)
+            self.server.should_exit = True
+            self.server.force_exit = True
             return
-        self._draining = True
-        engine = getattr(self.config.app.state, "engine", None)  # type: ignore[union-attr]
+        self.draining = True
+        app = self.server.config.app
+        engine = getattr(getattr(app, "state", None), "engine", None)
         if engine is None:
-            super().handle_exit(sig, frame)
+            self.server.should_exit = True
             return
         engine.start_drain()
         log.info("signal %d: draining (up to %.0fs)", sig, self.drain_timeout)
-        threading.Thread(target=self._drain, args=(engine,), daemon=True).start()
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(engine))
 
-    def _drain(self, engine) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + self.drain_timeout
-        while engine.busy() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    async def _drain(self, engine) -> None:  # type: ignore[no-untyped-def]
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout
+        while engine.busy() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         if engine.busy():
             log.warning(
                 "drain timeout: failing %d running and %d queued requests",
@@ -77,7 +91,25 @@ class DrainingServer(uvicorn.Server):
             engine.abort_all("server shut down before the request finished")
         else:
             log.info("drained: no request left")
-        self.should_exit = True
+        self.server.should_exit = True
+
+    async def serve(self) -> None:
+        """Run the server with these signal handlers in place of uvicorn's.
+
+        ``Server.serve()`` sets its own handlers (``signal.signal``, in the main thread) as it
+        starts, before its first await, and puts back the ones it found when it returns. So the
+        server task gets one turn first, then ours replace uvicorn's for the rest of the run. A
+        signal in between (a few microseconds) reaches uvicorn's handler: a plain exit."""
+        loop = asyncio.get_running_loop()
+        serving = loop.create_task(self.server.serve())
+        await asyncio.sleep(0)
+        if not serving.done():
+            self.install(loop)
+        try:
+            await serving
+        finally:
+            for sig in SHUTDOWN_SIGNALS:
+                loop.remove_signal_handler(sig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,12 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         load_failed(message)
         raise SystemExit(1) from None
 
-    server: DrainingServer | None = None
+    shutdown: Shutdown | None = None
 
     def on_load_failure(message: str) -> None:
         load_failed(message)
-        if server is not None:
-            server.fail(message)
+        if shutdown is not None:
+            shutdown.fail(message)
 
     app = create_app(settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(
@@ -125,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         access_log=False,
     )
-    server = DrainingServer(config, settings.drain_timeout_seconds)
-    server.run()
-    if server.exit_code:
-        raise SystemExit(server.exit_code)
+    shutdown = Shutdown(uvicorn.Server(config), settings.drain_timeout_seconds)
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(shutdown.serve())
+    if shutdown.exit_code:
+        raise SystemExit(shutdown.exit_code)
 
 
 if __name__ == "__main__":

@@ -124,8 +124,50 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def log_finished(
+    outcome: str,
+    *,
+    req: GenerationRequest | None = None,
+    generated: int = 0,
+    finish: Finished | None = None,
+    reason: str | None = None,
+) -> None:
+    """The one log line of a finished request; ``outcome`` is the word that its
+    ``llamaherd_requests_total`` sample carries (ok, rejected, timeout, cancelled, error)."""
+    now = time.monotonic()
+    fields: dict[str, Any] = {
+        "request_id": req.id if req else None,
+        "priority": req.priority if req else None,
+        "prompt_tokens": len(req.prompt_tokens) if req else 0,
+        "generated_tokens": generated,
+        "queue_wait_ms": (
+            round(((req.admitted_at or now) - req.arrival) * 1000, 2) if req else 0.0
+        ),
+        "latency_ms": round((now - req.arrival) * 1000, 2) if req else 0.0,
+        "outcome": outcome,
+        "finish_reason": finish.finish_reason if finish else None,
+    }
+    if reason is not None:
+        fields["reason"] = reason
+    request_log.info(
+        "request %s %s", fields["request_id"] or "-", outcome, extra={"fields": fields}
+    )
+
+
+def refuse(
+    metrics: ServerMetrics, error: APIError, req: GenerationRequest | None = None
+) -> APIError:
+    """Count and log a request refused before it ran (queue full, draining, not ready)."""
+    metrics.requests.labels(outcome="rejected").inc()
+    log_finished("rejected", req=req, reason=error.message)
+    return error
+
+
 class Generation:
-    """One request's trip through the engine, seen from the event loop."""
+    """One request's trip through the engine, seen from the event loop.
+
+    It logs the request's one line when it ends, however it ends: finished, failed in the
+    engine, refused at submission, or left by its client (the stream is closed early)."""
 
     def __init__(
         self,
@@ -138,6 +180,8 @@ class Generation:
         self.engine = engine
         self.events: asyncio.Queue[TextChunk | Finished | Failed] = asyncio.Queue()
         self.done = False
+        self.generated = 0
+        self.logged = False
         self.req = GenerationRequest(
             prompt_tokens=prompt_tokens,
             params=params,
@@ -148,37 +192,56 @@ class Generation:
             emit=self.events.put_nowait,
         )
 
+    def log(self, outcome: str, finish: Finished | None = None) -> None:
+        if not self.logged:
+            self.logged = True
+            log_finished(outcome, req=self.req, generated=self.generated, finish=finish)
+
     def submit(self, metrics: ServerMetrics) -> None:
         try:
             self.engine.submit(self.req)
         except QueueFull as exc:
-            metrics.requests.labels(outcome="rejected").inc()
-            raise APIError(
-                429,
-                f"server is busy: {exc}; retry later",
-                type_="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(self.engine.retry_after_seconds())},
+            self.logged = True
+            raise refuse(
+                metrics,
+                APIError(
+                    429,
+                    f"server is busy: {exc}; retry later",
+                    type_="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.engine.retry_after_seconds())},
+                ),
+                self.req,
             ) from None
         except EngineDraining:
-            metrics.requests.labels(outcome="rejected").inc()
-            raise draining_error() from None
+            self.logged = True
+            raise refuse(metrics, draining_error(), self.req) from None
         except EngineNotReady as exc:
-            raise not_ready_error(str(exc)) from None
+            self.logged = True
+            raise refuse(metrics, not_ready_error(str(exc)), self.req) from None
 
     async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
         """Events until Finished or Failed. Leaving early cancels the request."""
         try:
             while True:
                 event = await self.events.get()
-                if not isinstance(event, TextChunk):
+                if isinstance(event, TextChunk):
+                    self.generated += event.n_tokens
+                elif isinstance(event, Finished):
                     self.done = True
+                    self.generated = event.completion_tokens
+                    self.log("ok", event)
+                else:
+                    self.done = True
+                    self.generated = max(self.generated, event.completion_tokens)
+                    self.log(event.outcome)
                 yield event
                 if self.done:
                     return
         finally:
             if not self.done:
                 self.engine.cancel(self.req)
+                self.log("cancelled")
 
     async def collect(self, http_request: Request) -> tuple[str, Finished]:
         """The whole text; cancels the request if the client goes away first."""
@@ -207,6 +270,7 @@ class Generation:
         if not work.done():
             work.cancel()
             self.engine.cancel(self.req)
+            self.log("cancelled")
             raise APIError(499, "client disconnected", type_="cancelled")
         return work.result()
 
@@ -387,6 +451,9 @@ def create_app(
             "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": finish}],
         }
 
+    # Tokenizing and templating a prompt up to the body limit takes milliseconds: the routes
+    # run them in a worker thread (asyncio.to_thread), never on the event loop, which streams
+    # every running request's tokens.
     def prompt_tokens(
         engine: Engine, prompt: str | list[int], *, special: bool = False
     ) -> list[int]:
@@ -416,6 +483,20 @@ def create_app(
             )
         return tokens
 
+    def chat_prompt_tokens(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            text = render_chat(
+                settings.chat_template or engine.chat_template,
+                messages,
+                bos_token=engine.bos_text,
+                eos_token=engine.eos_text,
+            )
+        except ChatTemplateError as exc:
+            raise APIError(400, str(exc), param="messages", code="no_chat_template") from None
+        if engine.bos_text and text.startswith(engine.bos_text):
+            text = text[len(engine.bos_text) :]
+        return prompt_tokens(engine, text, special=True)
+
     async def start(
         request: Request, tokens: list[int], params: SamplingParams, priority: int
     ) -> Generation:
@@ -424,44 +505,13 @@ def create_app(
         gen.submit(metrics)
         return gen
 
-    def log_request(gen: Generation, outcome: str, generated: int, finish: Finished | None) -> None:
-        req = gen.req
-        now = time.monotonic()
-        request_log.info(
-            "request %s %s",
-            req.id,
-            outcome,
-            extra={
-                "fields": {
-                    "request_id": req.id,
-                    "priority": req.priority,
-                    "prompt_tokens": len(req.prompt_tokens),
-                    "generated_tokens": generated,
-                    "queue_wait_ms": round(((req.admitted_at or now) - req.arrival) * 1000, 2),
-                    "latency_ms": round((now - req.arrival) * 1000, 2),
-                    "outcome": outcome,
-                    "finish_reason": finish.finish_reason if finish else None,
-                }
-            },
-        )
-
-    async def run_to_end(request: Request, gen: Generation) -> tuple[str, Finished]:
-        try:
-            text, finish = await gen.collect(request)
-        except APIError as exc:
-            log_request(gen, exc.type, 0, None)
-            raise
-        log_request(gen, "ok", finish.completion_tokens, finish)
-        return text, finish
-
     def ensure_ready(request: Request) -> Engine:
         engine = engine_of(request)
         reason = engine.unavailable_reason()
         if reason == "draining":
-            metrics.requests.labels(outcome="rejected").inc()
-            raise draining_error()
+            raise refuse(metrics, draining_error())
         if reason is not None:
-            raise not_ready_error(reason)
+            raise refuse(metrics, not_ready_error(reason))
         return engine
 
     # ---- routes ----------------------------------------------------------------------
@@ -520,10 +570,9 @@ def create_app(
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         engine = ensure_ready(request)
         params = sampling_params(body, body.max_tokens, body.temperature, settings.context_size)
-        gen = await start(
-            request, prompt_tokens(engine, body.prompt), params, priority_of(request, body)
-        )
-        text, finish = await run_to_end(request, gen)
+        tokens = await asyncio.to_thread(prompt_tokens, engine, body.prompt)
+        gen = await start(request, tokens, params, priority_of(request, body))
+        text, finish = await gen.collect(request)
         return GenerateResponse(
             request_id=gen.req.id,
             text=text,
@@ -547,7 +596,7 @@ def create_app(
             prompt = str(body.prompt[0])
         else:
             prompt = body.prompt  # type: ignore[assignment]
-        tokens = prompt_tokens(engine, prompt)
+        tokens = await asyncio.to_thread(prompt_tokens, engine, prompt)
         max_tokens = body.max_tokens or settings.context_size - len(tokens)
         params = sampling_params(body, max_tokens, body.temperature, settings.context_size)
         gen = await start(request, tokens, params, priority_of(request, body))
@@ -558,8 +607,8 @@ def create_app(
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
                 return envelope(rid, "text_completion", {"text": text}, finish)
 
-            return sse(gen, chunk, rid, "text_completion", include_usage, log_request)
-        text, finish = await run_to_end(request, gen)
+            return sse(gen, chunk, rid, "text_completion", include_usage)
+        text, finish = await gen.collect(request)
         return {
             **envelope(rid, "text_completion", {"text": text}, finish.finish_reason),
             "usage": usage(finish),
@@ -571,18 +620,8 @@ def create_app(
     ) -> dict[str, Any] | EventSourceResponse:
         engine = ensure_ready(request)
         check_model(body.model)
-        try:
-            text = render_chat(
-                settings.chat_template or engine.chat_template,
-                [{"role": m.role, "content": m.text()} for m in body.messages],
-                bos_token=engine.bos_text,
-                eos_token=engine.eos_text,
-            )
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), param="messages", code="no_chat_template") from None
-        if engine.bos_text and text.startswith(engine.bos_text):
-            text = text[len(engine.bos_text) :]
-        tokens = prompt_tokens(engine, text, special=True)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        tokens = await asyncio.to_thread(chat_prompt_tokens, engine, messages)
         max_tokens = (
             body.max_completion_tokens or body.max_tokens or settings.context_size - len(tokens)
         )
@@ -601,8 +640,8 @@ def create_app(
                     first = False
                 return envelope(rid, "chat.completion.chunk", {"delta": delta}, finish)
 
-            return sse(gen, chunk, rid, "chat.completion.chunk", include_usage, log_request)
-        answer, finish = await run_to_end(request, gen)
+            return sse(gen, chunk, rid, "chat.completion.chunk", include_usage)
+        answer, finish = await gen.collect(request)
         message = {"message": {"role": "assistant", "content": answer}}
         return {
             **envelope(rid, "chat.completion", message, finish.finish_reason),
@@ -627,7 +666,6 @@ def sse(
     rid: str,
     obj: str,
     include_usage: bool,
-    log_request: Callable[[Generation, str, int, Finished | None], None],
 ) -> EventSourceResponse:
     """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``.
 
@@ -637,10 +675,8 @@ def sse(
 
     async def events() -> AsyncIterator[str]:
         pending = ""
-        generated = 0
         async for event in gen.stream():
             if isinstance(event, TextChunk):
-                generated += event.n_tokens
                 pending += event.text
                 # Only send when there is text: empty deltas would confuse clients.
                 if pending:
@@ -661,10 +697,8 @@ def sse(
                             "usage": usage(event),
                         }
                     )
-                log_request(gen, "ok", event.completion_tokens, event)
             else:
                 error = failed_error(event)
-                log_request(gen, event.outcome, event.completion_tokens, None)
                 yield json.dumps(error_body(error.message, type_=error.type, code=error.code))
         yield "[DONE]"
 

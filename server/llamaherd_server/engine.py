@@ -288,6 +288,12 @@ class Engine:
         self._stop = False
         self._abort: str | None = None
         self._thread: threading.Thread | None = None
+        # How long close() waits for the scheduler thread (and tokenizing threads) to stop.
+        self.close_timeout_s = 30.0
+        # Threads other than the scheduler inside tokenize(): close() frees nothing under them.
+        self._users = 0
+        self._users_idle = threading.Condition()
+        self._closed = False
         self._running: dict[int, _Sequence] = {}
         # Requests taken from the queue that an exception kept from a slot (see _die).
         self._in_hand: list[GenerationRequest] = []
@@ -379,12 +385,45 @@ class Engine:
             self.threads,
         )
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the scheduler thread, then free the context and the model.
+
+        They are freed only once nothing can touch them any more: the scheduler thread has
+        ended and no other thread is inside :meth:`tokenize`. When that does not happen within
+        ``timeout_s`` (default ``close_timeout_s``), they are left allocated (a leak the process
+        exit ends) instead of being freed under a running ``llama_decode``; the log says so. A
+        later call frees them once the thread has stopped."""
+        timeout = self.close_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
         with self._wake:
             self._stop = True
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self.ready = False
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error(
+                    "engine thread still running %.0fs after stop; leaving the llama.cpp "
+                    "context and model allocated rather than freeing them under it",
+                    timeout,
+                )
+                return
+        with self._users_idle:
+            self._closed = True
+            while self._users and time.monotonic() < deadline:
+                self._users_idle.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if self._users:
+                log.error(
+                    "%d threads still tokenizing after %.0fs; leaving the llama.cpp model "
+                    "allocated",
+                    self._users,
+                    timeout,
+                )
+                return
+        self._free()
+
+    def _free(self) -> None:
         lib = self._lib
         if lib is None:
             return
@@ -398,9 +437,10 @@ class Engine:
             lib.llama_free(self._ctx)
             self._ctx = None
         if self._model:
+            self._vocab = None
+            self._mem = None
             lib.llama_model_free(self._model)
             self._model = None
-        self.ready = False
 
     def start_drain(self) -> None:
         self.draining = True
@@ -468,9 +508,20 @@ class Engine:
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        """Tokens of ``text``. Safe from any thread: it reads only the vocabulary."""
-        if self._vocab is None:
-            raise EngineNotReady("model is loading")
+        """Tokens of ``text``. Safe from any thread: it reads only the vocabulary, and close()
+        waits for it before freeing the model."""
+        with self._users_idle:
+            if self._closed or self._vocab is None:
+                raise EngineNotReady("model is loading" if not self._closed else "shutting down")
+            self._users += 1
+        try:
+            return self._tokenize(text, add_special, parse_special)
+        finally:
+            with self._users_idle:
+                self._users -= 1
+                self._users_idle.notify_all()
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         lib = self._lib
         data = text.encode("utf-8")
         n_max = len(data) + 8
@@ -544,6 +595,7 @@ class Engine:
                 self._release(seq)
             except Exception:  # a dead engine still answers every request
                 self._running.pop(seq.slot, None)
+                self._set_kv_usage()
             self._finish_failed(seq.req, "error", message, seq.generated)
         for taken in self._in_hand:
             self._finish_failed(taken, "error", message, 0)
@@ -752,6 +804,11 @@ class Engine:
             token = lib.llama_sampler_sample(seq.sampler, self._ctx, index)
             self._accept_token(seq, token, now)
         self.metrics.generated_tokens.inc(len(outputs))
+        self._set_kv_usage()
+
+    def _set_kv_usage(self) -> None:
+        """The KV-usage gauge: after every step, and after every release (finish, cancel,
+        timeout, failure), so that it never shows KV that was already freed."""
         used = sum(seq.pos for seq in self._running.values())
         self.metrics.kv_cache_usage.set(used / (self.slots * self.context_size))
 
@@ -801,6 +858,7 @@ class Engine:
         del self._running[seq.slot]
         self._free_slots.append(seq.slot)
         self.metrics.requests_running.set(len(self._running))
+        self._set_kv_usage()
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         # Bytes of a character cut short by the end of generation come out as U+FFFD.

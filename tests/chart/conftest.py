@@ -24,6 +24,8 @@ VALUES = {
     "defaults": None,
     "all-on": HERE / "values-all-on.yaml",
     "minimal": HERE / "values-minimal.yaml",
+    # What the README tells a user of the local kind cluster to install with.
+    "kind": HERE.parents[1] / "examples" / "helm" / "kind-values.yaml",
 }
 
 Objects = list[dict[str, Any]]

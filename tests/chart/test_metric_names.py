@@ -158,17 +158,20 @@ def test_series_names_are_careful_with_suffixes() -> None:
 # --- the checks ----------------------------------------------------------------------------------
 
 
+@pytest.mark.tools
 def test_every_source_reads_llamaherd_metrics(sources: dict[str, set[str]]) -> None:
     for source, names in sources.items():
         assert any(n.startswith("llamaherd_") for n in names), f"{source} reads no llamaherd metric"
 
 
+@pytest.mark.tools
 def test_names_are_in_the_contract_modules(sources: dict[str, set[str]]) -> None:
     exported = server_metrics.exported_names() | operator_metrics.exported_names()
     check(sources, exported, "server or operator exported_names()")
     check(sources, contract_series(), "the series the two registries can show")
 
 
+@pytest.mark.tools
 def test_names_are_in_a_scrape_of_the_operator_registry(sources: dict[str, set[str]]) -> None:
     operator_text = generate_latest(operator_metrics.OperatorMetrics().registry).decode()
     operator_series = scraped_names(operator_text)
@@ -180,6 +183,7 @@ def test_names_are_in_a_scrape_of_the_operator_registry(sources: dict[str, set[s
 
 
 @pytest.mark.server
+@pytest.mark.tools
 def test_names_are_in_a_scrape_of_a_real_server(
     sources: dict[str, set[str]], tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -216,6 +220,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.tools
 def test_alert_rules_pass_promtool(render: Callable[..., Objects], tmp_path: Path) -> None:
     for values in (None, VALUES["all-on"]):
         objects = render(values, "--set", "monitoring.prometheusRule.enabled=true")
@@ -229,6 +234,7 @@ def test_alert_rules_pass_promtool(render: Callable[..., Objects], tmp_path: Pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.tools
 def test_dashboard_queries_parse_in_promtool(tmp_path: Path) -> None:
     """Each dashboard query as a recording rule, Grafana's variables replaced by values."""
     replacements = {
@@ -252,6 +258,7 @@ def test_dashboard_queries_parse_in_promtool(tmp_path: Path) -> None:
 DESIRED = operator_metrics.DESIRED_REPLICAS
 
 
+@pytest.mark.tools
 def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
     """promtool test rules: the queue, absent-metrics and not-ready alerts fire when they should."""
     # promtool compares annotations too; these tests are about the expressions.

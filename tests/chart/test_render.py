@@ -74,11 +74,13 @@ def prometheus_objects(objects: Objects) -> Objects:
 
 
 @values_cases
+@pytest.mark.tools
 def test_helm_lint_strict_is_clean(helm: Path, values: Path | None) -> None:
     proc = run_helm(helm, "lint", "--strict", str(CHART), *values_args(values))
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
 
 
+@pytest.mark.tools
 def test_every_switch_renders_its_objects(render: Callable[..., Objects]) -> None:
     defaults = {o["kind"] for o in render(None)}
     all_on = {o["kind"] for o in render(VALUES["all-on"])}
@@ -110,6 +112,7 @@ def test_every_switch_renders_its_objects(render: Callable[..., Objects]) -> Non
     )
 
 
+@pytest.mark.tools
 def test_values_schema_refuses_bad_values(helm: Path) -> None:
     for bad in (
         ["--set", "operator.logFormat=xml"],
@@ -168,6 +171,7 @@ def test_every_value_is_in_the_schema_and_documented() -> None:
 
 
 @values_cases
+@pytest.mark.tools
 def test_builtin_objects_validate_against_kubernetes_schemas(
     render: Callable[..., Objects], values: Path | None
 ) -> None:
@@ -196,6 +200,7 @@ def test_manifest_objects_validate_against_kubernetes_schemas() -> None:
 
 
 @values_cases
+@pytest.mark.tools
 def test_every_object_carries_the_app_kubernetes_io_labels(
     render: Callable[..., Objects], values: Path | None
 ) -> None:
@@ -209,6 +214,7 @@ def test_every_object_carries_the_app_kubernetes_io_labels(
 
 
 @values_cases
+@pytest.mark.tools
 def test_operator_deployment(render: Callable[..., Objects], values: Path | None) -> None:
     objects = without_prometheus(render(values))
     deployment = one(objects, "Deployment")
@@ -248,6 +254,7 @@ def test_operator_deployment(render: Callable[..., Objects], values: Path | None
 
 
 @values_cases
+@pytest.mark.tools
 def test_operator_env_is_the_operators_settings(
     render: Callable[..., Objects], values: Path | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -266,20 +273,64 @@ def test_operator_env_is_the_operators_settings(
     assert str(settings.liveness_port) == env["LLAMAHERD_OPERATOR_LIVENESS_PORT"]
 
 
-def _rbac_source_rules() -> list[dict[str, Any]]:
+def _rbac_source_rules(role: str = "llamaherd-operator") -> list[dict[str, Any]]:
+    """The rules of one ClusterRole of operator/rbac.yaml: ``llamaherd-operator`` (namespaced
+    resources) or ``llamaherd-operator-cluster`` (cluster-scoped)."""
     docs = yaml.safe_load_all((REPO_ROOT / "operator" / "rbac.yaml").read_text())
-    (role,) = [d for d in docs if d and d["kind"] == "ClusterRole"]
-    return role["rules"]
+    (found,) = [
+        d for d in docs if d and d["kind"] == "ClusterRole" and d["metadata"]["name"] == role
+    ]
+    return list(found["rules"])
+
+
+# Cluster-scoped resources the operator may read; the namespaced rules name none of them.
+CLUSTER_SCOPED = {"customresourcedefinitions", "namespaces"}
+
+
+def test_rbac_source_splits_namespaced_and_cluster_scoped_rules() -> None:
+    namespaced = {res for r in _rbac_source_rules() for res in r["resources"]}
+    cluster = _rbac_source_rules("llamaherd-operator-cluster")
+    assert not namespaced & CLUSTER_SCOPED
+    assert {res for r in cluster for res in r["resources"]} == CLUSTER_SCOPED
+    # Read-only, cluster-wide.
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster)
 
 
 def test_cluster_role_rules_are_operator_rbac_yaml(render: Callable[..., Objects]) -> None:
     assert (CHART / "files" / "rbac.yaml").read_bytes() == (
         REPO_ROOT / "operator" / "rbac.yaml"
     ).read_bytes(), "charts/llamaherd/files/rbac.yaml drifted: run `make chart`"
-    for values in (None, VALUES["all-on"]):
-        assert one(without_prometheus(render(values)), "ClusterRole")["rules"] == (
-            _rbac_source_rules()
-        )
+    # Cluster-wide (the default): one ClusterRole with every rule, and no Role.
+    objects = without_prometheus(render(None))
+    assert one(objects, "ClusterRole")["rules"] == (
+        _rbac_source_rules() + _rbac_source_rules("llamaherd-operator-cluster")
+    )
+    assert not by_kind(objects, "Role") and not by_kind(objects, "RoleBinding")
+
+
+def test_watch_namespaces_gets_namespaced_roles(render: Callable[..., Objects]) -> None:
+    """With operator.watchNamespaces: a Role per watched namespace with the namespaced rules;
+    the ClusterRole keeps only the cluster-scoped reads."""
+    objects = without_prometheus(render(VALUES["all-on"]))
+    role = one(objects, "ClusterRole")
+    assert role["rules"] == _rbac_source_rules("llamaherd-operator-cluster")
+    account = one(objects, "ServiceAccount")["metadata"]["name"]
+    subjects = [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == subjects
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(objects, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objects, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for namespace, namespaced in roles.items():
+        assert namespaced["rules"] == _rbac_source_rules()
+        assert component(namespaced) == "operator"
+        assert bindings[namespace]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": namespaced["metadata"]["name"],
+        }
+        assert bindings[namespace]["subjects"] == subjects
 
 
 def test_chart_crds_are_the_crds_folder_byte_for_byte() -> None:
@@ -292,6 +343,7 @@ def test_chart_crds_are_the_crds_folder_byte_for_byte() -> None:
         )
 
 
+@pytest.mark.tools
 def test_generated_files_are_fresh(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """manifests/install.yaml, the alert rule file and the chart's copies match a fresh run."""
     monkeypatch.setenv("HELM", str(helm))
@@ -300,6 +352,7 @@ def test_generated_files_are_fresh(helm: Path, monkeypatch: pytest.MonkeyPatch) 
     assert not stale, f"stale: {[str(p.relative_to(REPO_ROOT)) for p in stale]}: run `make chart`"
 
 
+@pytest.mark.tools
 def test_generator_check_mode_exits_zero(helm: Path) -> None:
     import subprocess
     import sys
@@ -328,6 +381,7 @@ def _validate_inference_service(obj: dict[str, Any]) -> None:
     jsonschema.Draft4Validator(_crd_schema()).validate(obj)
 
 
+@pytest.mark.tools
 def test_sample_inference_service_validates_against_the_crd(
     render: Callable[..., Objects],
 ) -> None:
@@ -337,6 +391,7 @@ def test_sample_inference_service_validates_against_the_crd(
     assert len(sample["metadata"]["name"]) <= 52
 
 
+@pytest.mark.tools
 def test_crd_schema_check_catches_a_bad_sample(render: Callable[..., Objects], helm: Path) -> None:
     sample = json.loads(json.dumps(one(render(VALUES["all-on"]), "InferenceService")))
     sample["spec"]["replicas"] = -1
@@ -460,6 +515,7 @@ RULE_SCHEMA = {
 }
 
 
+@pytest.mark.tools
 def test_monitoring_objects_are_structurally_sound(render: Callable[..., Objects]) -> None:
     objects = render(VALUES["all-on"])
     service_monitor = one(objects, "ServiceMonitor")
@@ -486,6 +542,7 @@ def test_monitoring_objects_are_structurally_sound(render: Callable[..., Objects
     assert endpoint["relabelings"][0]["targetLabel"] == "service"
 
 
+@pytest.mark.tools
 def test_alerts_cover_the_issue(render: Callable[..., Objects]) -> None:
     rule = one(render(VALUES["all-on"]), "PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
@@ -504,6 +561,7 @@ def test_alerts_cover_the_issue(render: Callable[..., Objects]) -> None:
     assert "absent(" in alerts["LlamaherdOperatorMetricsAbsent"]["expr"]
 
 
+@pytest.mark.tools
 def test_dashboard_config_map(render: Callable[..., Objects]) -> None:
     config_map = one(without_prometheus(render(VALUES["all-on"])), "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -642,6 +700,7 @@ def _jobs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {job["job_name"]: job for job in config["scrape_configs"]}
 
 
+@pytest.mark.tools
 def test_prometheus_config_scrapes_the_inference_pods_like_the_pod_monitor(
     render: Callable[..., Objects],
 ) -> None:
@@ -720,6 +779,7 @@ def test_prometheus_config_scrapes_the_inference_pods_like_the_pod_monitor(
         assert env["OPERATOR_NAMESPACE"] == NAMESPACE
 
 
+@pytest.mark.tools
 def test_prometheus_config_scrapes_the_operator(render: Callable[..., Objects]) -> None:
     for args in (PROMETHEUS_ON, (VALUES["all-on"],)):
         objects = render(*args)
@@ -748,6 +808,7 @@ def test_prometheus_config_scrapes_the_operator(render: Callable[..., Objects]) 
             assert _relabel(other, operator["relabel_configs"]) is None, other
 
 
+@pytest.mark.tools
 def test_prometheus_config_limits_discovery_to_the_listed_namespaces(
     render: Callable[..., Objects],
 ) -> None:
@@ -778,6 +839,7 @@ def test_prometheus_config_limits_discovery_to_the_listed_namespaces(
         ]
 
 
+@pytest.mark.tools
 def test_prometheus_cluster_role_reads_pods_only(render: Callable[..., Objects]) -> None:
     mine = prometheus_objects(render(*PROMETHEUS_ON))
     role = one(mine, "ClusterRole")
@@ -801,6 +863,7 @@ def _operator_env(objects: Objects) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
+@pytest.mark.tools
 def test_operator_queries_the_in_cluster_prometheus(
     render: Callable[..., Objects], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -834,6 +897,7 @@ def test_operator_queries_the_in_cluster_prometheus(
 
 
 @pytest.mark.parametrize("args", [PROMETHEUS_ON, (VALUES["all-on"],)], ids=["on", "all-on"])
+@pytest.mark.tools
 def test_prometheus_pod_is_restricted_and_wired(
     render: Callable[..., Objects], args: tuple[Any, ...]
 ) -> None:
@@ -918,6 +982,7 @@ def test_prometheus_pod_is_restricted_and_wired(
     assert not operator_service["spec"]["selector"].items() <= labels.items()
 
 
+@pytest.mark.tools
 def test_prometheus_config_passes_promtool(render: Callable[..., Objects], tmp_path: Path) -> None:
     import shutil
     import subprocess
@@ -937,6 +1002,7 @@ def test_prometheus_config_passes_promtool(render: Callable[..., Objects], tmp_p
 
 
 @pytest.mark.prometheus
+@pytest.mark.tools
 def test_real_prometheus_labels_the_discovered_targets(
     render: Callable[..., Objects], tmp_path: Path
 ) -> None:
@@ -1000,6 +1066,7 @@ def test_real_prometheus_labels_the_discovered_targets(
     assert found["job"] == "llamaherd-server"
 
 
+@pytest.mark.tools
 def test_operator_guard_and_service_monitor_values(
     render: Callable[..., Objects], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,6 +150,8 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
     cp = control_plane
     cp.kubectl("create", "namespace", namespace, check=True)
     metrics_port = free_port()
+    # A Prometheus that never answers, allowed (the allow-list is not what this test checks).
+    dead_prometheus = f"http://127.0.0.1:{free_port()}"
     operator = OperatorProcess(
         cp.kubeconfig,
         tmp_path / "operator.log",
@@ -159,6 +161,7 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
             "LLAMAHERD_OPERATOR_METRICS_HOST": "127.0.0.1",
             "LLAMAHERD_OPERATOR_METRICS_PORT": str(metrics_port),
             "LLAMAHERD_OPERATOR_NAMESPACES": namespace,
+            "LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS": dead_prometheus,
         },
     )
     fleet = Fleet(cp, prometheus, servers, namespace, name)
@@ -259,9 +262,7 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
             namespace,
             "--type=merge",
             "-p",
-            json.dumps(
-                {"spec": {"autoscaling": {"prometheusUrl": f"http://127.0.0.1:{free_port()}"}}}
-            ),
+            json.dumps({"spec": {"autoscaling": {"prometheusUrl": dead_prometheus}}}),
             check=True,
         )
         wait_until(

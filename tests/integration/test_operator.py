@@ -11,6 +11,7 @@ rewrites it at once.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 import uuid
@@ -53,6 +54,11 @@ def wait_established(plane: ControlPlane, crd_name: str) -> None:
     wait_until(established, timeout=60, what=f"CRD {crd_name} established")
 
 
+# No test here reads the operator's /metrics; its fixed port would clash with any other
+# operator on this machine (another test run).
+NO_METRICS_PORT = {"LLAMAHERD_OPERATOR_METRICS_PORT": "0"}
+
+
 @pytest.fixture(scope="module")
 def operator(
     control_plane: ControlPlane, crd: None, tmp_path_factory: pytest.TempPathFactory
@@ -68,6 +74,7 @@ def operator(
             # Nothing listens here: an allowed URL that fails fast (MetricsUnavailable).
             "LLAMAHERD_OPERATOR_PROMETHEUS_URL": "http://127.0.0.1:9",
             "LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS": "http://127.0.0.1:9/allowed/",
+            **NO_METRICS_PORT,
         },
     )
     process.start()
@@ -810,17 +817,70 @@ def test_service_monitor_once_its_crd_exists(
     assert log.count("monitoring.coreos.com CRDs not found") == 1
 
 
+def namespaced_rbac(rbac: list[dict[str, Any]], namespace: str) -> list[dict[str, Any]]:
+    """What the chart installs with operator.watchNamespaces: a ServiceAccount (its own, so the
+    cluster-wide binding of the other case is not in play), the cluster-scoped ClusterRole bound
+    to it, and the namespaced rules as a Role in the watched namespace."""
+    name = "llamaherd-operator-ns"
+    account = next(d for d in rbac if d["kind"] == "ServiceAccount")
+    account = {**account, "metadata": {**account["metadata"], "name": name}}
+    subjects = [
+        {"kind": "ServiceAccount", "name": name, "namespace": account["metadata"]["namespace"]}
+    ]
+    rules = {d["metadata"]["name"]: d for d in rbac if d["kind"] == "ClusterRole"}
+    cluster = rules["llamaherd-operator-cluster"]
+    rbac_group = "rbac.authorization.k8s.io"
+    return [
+        account,
+        cluster,
+        {
+            "apiVersion": f"{rbac_group}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {
+                "apiGroup": rbac_group,
+                "kind": "ClusterRole",
+                "name": cluster["metadata"]["name"],
+            },
+            "subjects": subjects,
+        },
+        {
+            "apiVersion": f"{rbac_group}/v1",
+            "kind": "Role",
+            "metadata": {"name": name, "namespace": namespace},
+            "rules": rules["llamaherd-operator"]["rules"],
+        },
+        {
+            "apiVersion": f"{rbac_group}/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": rbac_group, "kind": "Role", "name": name},
+            "subjects": subjects,
+        },
+    ]
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
 def test_operator_works_with_only_its_rbac(
-    control_plane: ControlPlane, operator: OperatorProcess, namespace: str, tmp_path: Path
+    control_plane: ControlPlane,
+    operator: OperatorProcess,
+    namespace: str,
+    tmp_path: Path,
+    scope: str,
 ) -> None:
-    """operator/rbac.yaml is enough: run the operator as its ServiceAccount, not as admin."""
+    """operator/rbac.yaml is enough: run the operator as its ServiceAccount, not as admin; and
+    with namespaced rules as the chart grants them with operator.watchNamespaces (a Role in the
+    watched namespace, only the cluster-scoped reads cluster-wide)."""
     rbac = list(yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text()))
-    sa_namespace = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]["namespace"]
+    if scope == "namespaced":
+        rbac = namespaced_rbac(rbac, namespace)
+    account = next(d for d in rbac if d["kind"] == "ServiceAccount")["metadata"]
+    sa_namespace = account["namespace"]
     control_plane.kubectl("create", "namespace", sa_namespace)
     for doc in rbac:
         create_ok(control_plane, doc)
     token = control_plane.kubectl(
-        "create", "token", "llamaherd-operator", "-n", sa_namespace, "--duration=1h", check=True
+        "create", "token", account["name"], "-n", sa_namespace, "--duration=1h", check=True
     ).stdout.strip()
     admin = yaml.safe_load(control_plane.kubeconfig.read_text())
     admin["users"] = [{"name": "operator", "user": {"token": token}}]
@@ -830,8 +890,8 @@ def test_operator_works_with_only_its_rbac(
 
     limited = OperatorProcess(
         kubeconfig,
-        operator.log_path.with_name("llamaherd-operator-rbac.log"),
-        env={"LLAMAHERD_OPERATOR_NAMESPACES": namespace},
+        operator.log_path.with_name(f"llamaherd-operator-rbac-{scope}.log"),
+        env={"LLAMAHERD_OPERATOR_NAMESPACES": namespace, **NO_METRICS_PORT},
     )
     operator.stop()
     try:
@@ -843,7 +903,10 @@ def test_operator_works_with_only_its_rbac(
         patch(control_plane, "lhis", "limited", namespace, {"spec": {"replicas": 1}})
         eventually(lambda: get(control_plane, "pdb", "limited", namespace) is None, "PDB deleted")
         log = limited.log_path.read_text(errors="replace")
-        assert "403" not in log and "forbidden" not in log.lower(), limited.tail()
+        # (Not a bare "403": log timestamps have milliseconds.) kopf says "Not enough
+        # permissions" where it falls back for lack of a cluster-wide read.
+        for refused in ("forbidden", "status=403", "not enough permissions"):
+            assert refused not in log.lower(), limited.tail()
     finally:
         limited.stop()
         operator.start()
@@ -924,6 +987,79 @@ def test_picks_up_changes_made_while_away(
         "the change made while away applied",
     )
     eventually(lambda: get(control_plane, "deployment", "newcomer", namespace), "newcomer")
+
+
+def replica_sets_of(plane: ControlPlane, name: str, namespace: str) -> list[str]:
+    proc = plane.kubectl(
+        "get", "replicasets", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
+        "-o", "jsonpath={.items[*].metadata.name}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return sorted(proc.stdout.split())
+
+
+def test_operator_upgrade_rolls_no_pod(
+    control_plane: ControlPlane, operator: OperatorProcess, namespace: str, tmp_path: Path
+) -> None:
+    """A new operator version (its model download changed, other operator-only settings) over
+    running services: it reconciles each of them and no pod template changes, so no pod rolls."""
+    services = {
+        "up-url": {"model": {"url": "https://models.example/a.gguf", "sha256": "ab" * 32}},
+        "up-auto": {"replicas": 2, "autoscaling": {"enabled": True, "maxReplicas": 3}},
+        "up-host": {"model": {"hostPath": {"path": "/models/b.gguf"}}},
+    }
+    for name, spec in services.items():
+        create_ok(control_plane, manifest(name, namespace, **spec))
+    before = {
+        name: eventually(partial(get, control_plane, "deployment", name, namespace), name)
+        for name in services
+    }
+    for name in services:  # the Deployment controller has made the first ReplicaSet
+        eventually(partial(replica_sets_of, control_plane, name, namespace), f"{name} ReplicaSet")
+    sets_before = {name: replica_sets_of(control_plane, name, namespace) for name in services}
+
+    # The upgrade: the package as a new release would ship it, with a changed download module.
+    package = tmp_path / "llamaherd_operator"
+    shutil.copytree(REPO / "operator" / "llamaherd_operator", package)
+    download = package / "model_download.py"
+    download.write_text(download.read_text() + "\n\nNEW_IN_THIS_RELEASE = True\n")
+    init = package / "__init__.py"
+    init.write_text(init.read_text() + "\nprint('llamaherd_operator from', __file__)\n")
+    upgraded = OperatorProcess(
+        operator.kubeconfig,
+        operator.log_path.with_name("llamaherd-operator-upgraded.log"),
+        env={
+            **operator.env,
+            "PYTHONPATH": str(tmp_path),
+            "LLAMAHERD_OPERATOR_RESYNC_INTERVAL_SECONDS": "1",
+            "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "2",
+            "LLAMAHERD_OPERATOR_LOG_FORMAT": "json",
+        },
+    )
+    operator.stop()
+    try:
+        upgraded.start()
+        assert f"llamaherd_operator from {init}" in upgraded.log_path.read_text()
+        # The new operator has reconciled each one: it re-creates a deleted Service.
+        for name in services:
+            old = must_get(control_plane, "service", name, namespace)["metadata"]["uid"]
+            control_plane.kubectl("delete", "service", name, "-n", namespace, check=True)
+            eventually(
+                lambda name=name, old=old: (
+                    (found := get(control_plane, "service", name, namespace)) is not None
+                    and found["metadata"]["uid"] != old
+                ),
+                f"{name}: Service re-created by the upgraded operator",
+            )
+        time.sleep(3)  # and a few resyncs more
+        for name, old_deployment in before.items():
+            now = must_get(control_plane, "deployment", name, namespace)
+            assert now["metadata"]["generation"] == old_deployment["metadata"]["generation"], name
+            assert now["spec"]["template"] == old_deployment["spec"]["template"], name
+            assert replica_sets_of(control_plane, name, namespace) == sets_before[name], name
+    finally:
+        upgraded.stop()
+        operator.start()
 
 
 def test_survives_an_apiserver_restart(

@@ -34,8 +34,8 @@ def test_concurrent_sequences_share_llama_decode_calls(make_engine, tiny_model: 
     assert steps - small >= 20, f"{steps} steps, {small} with fewer than 4 sequences"
     assert h.metric("llamaherd_generated_tokens_total") == 4 * 24
     # The whole KV cache is free again.
-    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0 or h.engine.active_count == 0
     assert h.engine.active_count == 0
+    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
 
 
 def test_a_request_admitted_mid_generation_starts_before_the_others_finish(
@@ -130,6 +130,32 @@ def test_deadline_while_generating_is_a_timeout(make_engine, small_model: Path) 
     assert isinstance(result, Failed) and result.outcome == "timeout"
     assert "timed out after 0.5s" in result.message
     assert h.metric("llamaherd_requests_total", {"outcome": "timeout"}) == 2
+
+
+def test_the_kv_usage_gauge_follows_every_release(make_engine, small_model: Path) -> None:
+    """Not only a step updates the gauge: a cancel or a timeout that leaves the engine idle
+    (no step follows) shows the KV freed at once."""
+    h = make_engine(small_model, slots=2, max_wait_ms=0, context_size=512)
+    engine = h.engine
+    running = h.submit(PROMPTS[0], max_tokens=400, ignore_eos=True)
+    wait_for(lambda: running.tokens >= 5, message="the request to be generating")
+    assert h.metric("llamaherd_kv_cache_usage_ratio") > 0
+    engine.cancel(running.req)
+    assert isinstance(running.result, Failed) and running.result.outcome == "cancelled"
+    assert engine.active_count == 0
+    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
+
+    slow = h.submit(PROMPTS[1], max_tokens=400, ignore_eos=True, timeout_s=0.5)
+    wait_for(lambda: slow.tokens >= 1, message="the second request to be generating")
+    assert h.metric("llamaherd_kv_cache_usage_ratio") > 0
+    assert isinstance(slow.result, Failed) and slow.result.outcome == "timeout"
+    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
+
+    # A finished request frees its KV too.
+    short = h.submit(PROMPTS[2], max_tokens=3, temperature=0, ignore_eos=True)
+    assert isinstance(short.result, Finished)
+    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
+    assert engine._lib.llama_memory_seq_pos_max(engine._mem, 0) == -1
 
 
 def test_max_tokens_eos_and_stop_strings(make_engine, tiny_model: Path) -> None:
@@ -291,3 +317,58 @@ def test_the_watchdog_reports_a_stalled_engine(
     wait_for(lambda: engine.unhealthy_reason() is None, message="healthy again")
     time.sleep(0.7)
     assert engine.unhealthy_reason() is None
+
+
+# ---- shutdown ----------------------------------------------------------------------------------
+
+
+def test_close_never_frees_the_context_under_a_running_step(
+    make_engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that outlasts close()'s wait: close() returns, frees nothing (it logs the leak),
+    and the step finishes on a context that is still there; a later close() frees it."""
+    h = make_engine(tiny_model, slots=1, max_wait_ms=0)
+    engine = h.engine
+    lib = engine._lib
+    freed: list[str] = []
+    for name in ("llama_free", "llama_model_free", "llama_batch_free", "llama_sampler_free"):
+        real = getattr(lib, name)
+
+        def spy(*args: object, _name: str = name, _real: object = real) -> object:
+            freed.append(_name)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(lib, name, spy)
+    real_step = engine._step
+    inside = threading.Event()
+    release = threading.Event()
+    finished_step = threading.Event()
+
+    def stuck() -> None:
+        inside.set()
+        release.wait(30)
+        real_step()
+        finished_step.set()
+
+    monkeypatch.setattr(engine, "_step", stuck)
+    engine.close_timeout_s = 0.3
+    tracked = h.submit(PROMPTS[0], max_tokens=50, temperature=0, ignore_eos=True)
+    assert inside.wait(10), "the step did not start"
+
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 5
+    assert freed == []
+    assert engine._ctx is not None and engine._model is not None and engine._batch is not None
+    assert "leaving the llama.cpp context and model allocated" in caplog.text
+    assert not engine.ready
+
+    release.set()
+    assert finished_step.wait(10), "the step did not finish"
+    engine._thread.join(10)
+    assert not engine._thread.is_alive()
+    # The step ran to its end on the live context: its first token went out.
+    assert tracked.tokens == 1
+    engine.close()
+    assert {"llama_free", "llama_model_free", "llama_batch_free"} <= set(freed)
+    assert engine._ctx is None and engine._model is None

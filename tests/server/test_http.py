@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -168,7 +170,9 @@ async def test_health_ready_and_metrics(make_client: Any) -> None:
     client = await make_client()
     health = (await client.get("/health")).json()
     assert health["status"] == "healthy"
-    assert health["gpu_utilization"] is None  # no GPU on this machine
+    # None without a GPU (or NVML), else a mean utilization in percent.
+    gpu = health["gpu_utilization"]
+    assert gpu is None or (isinstance(gpu, int | float) and 0 <= gpu <= 100), gpu
     assert {"active_requests", "queue_depth"} <= set(health)
     assert (await client.get("/ready")).json() == {"ready": True}
     await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
@@ -232,3 +236,125 @@ async def test_a_stalled_engine_turns_health_to_503(
     release.set()
     assert (await request).status_code == 200
     assert (await client.get("/health")).status_code == 200
+
+
+# ---- one log line per finished request -----------------------------------------------------------
+
+
+async def test_every_finished_request_logs_one_line_with_the_metric_s_outcome(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ok, timeout, error and rejected: each request logs exactly one line, and per outcome the
+    lines match the ``llamaherd_requests_total{outcome}`` samples (client disconnects:
+    tests/server/test_process.py, which needs a real socket)."""
+    caplog.set_level(logging.INFO, logger="llamaherd.requests")
+    client = await make_client(request_timeout_seconds=0.5, max_wait_ms=0)
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    expected: Counter[str] = Counter()
+
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200
+    expected["ok"] += 1
+    r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True})
+    assert r.status_code == 200 and "[DONE]" in r.text
+    expected["ok"] += 1
+
+    real_step = engine._step
+
+    def slow_step() -> None:
+        time.sleep(0.05)
+        real_step()
+
+    monkeypatch.setattr(engine, "_step", slow_step)
+    r = await client.post(
+        "/v1/generate", json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
+    )
+    assert r.status_code == 504
+    expected["timeout"] += 1
+    r = await client.post(
+        "/v1/completions",
+        json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True},
+    )
+    assert r.status_code == 200 and '"timeout"' in r.text
+    expected["timeout"] += 1
+    monkeypatch.setattr(engine, "_step", real_step)
+
+    engine.start_drain()
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 503
+    expected["rejected"] += 1
+    engine.draining = False
+
+    def boom(params: object) -> None:
+        raise RuntimeError("sampler set-up exploded")
+
+    monkeypatch.setattr(engine, "_make_sampler", boom)
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 500
+    expected["error"] += 1
+    # A dead engine refuses what comes next.
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert r.status_code == 503
+    expected["rejected"] += 1
+
+    lines = [rec for rec in caplog.records if rec.name == "llamaherd.requests"]
+    logged = Counter(rec.fields["outcome"] for rec in lines)  # type: ignore[attr-defined]
+    assert logged == expected
+    ids = [rec.fields["request_id"] for rec in lines if rec.fields["request_id"]]  # type: ignore[attr-defined]
+    assert len(ids) == len(set(ids)), "a request logged twice"
+    text = (await client.get("/metrics")).text
+    for outcome, count in expected.items():
+        assert f'llamaherd_requests_total{{outcome="{outcome}"}} {float(count)}' in text
+    for rec in lines:
+        fields = rec.fields  # type: ignore[attr-defined]
+        assert {"priority", "prompt_tokens", "generated_tokens", "latency_ms"} <= set(fields)
+        assert rec.getMessage().endswith(" " + fields["outcome"])
+
+
+# ---- the event loop never tokenizes --------------------------------------------------------------
+
+
+async def test_tokenizing_and_templating_run_off_the_event_loop(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int]] = []
+    real_tokenize = engine.tokenize
+
+    def tokenize(text: str, **kwargs: Any) -> list[int]:
+        seen.append(("tokenize", threading.get_ident()))
+        return real_tokenize(text, **kwargs)
+
+    monkeypatch.setattr(engine, "tokenize", tokenize)
+    import llamaherd_server.api as api
+
+    real_render = api.render_chat
+
+    def render_chat(*args: Any, **kwargs: Any) -> str:
+        seen.append(("render_chat", threading.get_ident()))
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(api, "render_chat", render_chat)
+    for path, body in [
+        ("/v1/generate", {"prompt": "hi", "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+        ("/v1/generate", {"prompt": "word " * 400}),  # too long: the 400 comes from the worker
+    ]:
+        r = await client.post(path, json=body)
+        assert r.status_code == (400 if "word" in str(body) else 200), r.text
+    assert [name for name, _ in seen] == [
+        "tokenize",
+        "tokenize",
+        "render_chat",
+        "tokenize",
+        "tokenize",
+    ]
+    assert all(ident != loop_thread for _, ident in seen), seen

@@ -106,7 +106,10 @@ def test_overflow_gets_429_with_retry_after(server_factory, small_model: Path) -
 
 
 def test_client_disconnect_frees_the_slot(server_factory, small_model: Path) -> None:
-    server = server_factory(small_model, "--threads", "1", "--slots", "1", "--max-wait-ms", "0")
+    server = server_factory(
+        small_model,
+        *("--threads", "1", "--slots", "1", "--max-wait-ms", "0", "--log-format", "json"),
+    )
     body = {"prompt": "go on", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = 0
@@ -119,7 +122,8 @@ def test_client_disconnect_frees_the_slot(server_factory, small_model: Path) -> 
         message="the stream's cancellation",
     )
     assert metric(server.url, "llamaherd_requests_running") == 0
-    assert metric(server.url, "llamaherd_kv_cache_usage_ratio") < 1
+    # Nothing runs: the gauge shows the cancelled stream's KV freed (no step came after it).
+    assert metric(server.url, "llamaherd_kv_cache_usage_ratio") == 0
 
     # Non-streaming: the client times out and goes away; the request is cancelled too.
     with pytest.raises(httpx.ReadTimeout):
@@ -132,9 +136,15 @@ def test_client_disconnect_frees_the_slot(server_factory, small_model: Path) -> 
         lambda: metric(server.url, "llamaherd_requests_total", outcome="cancelled") == 2,
         message="the non-streaming request's cancellation",
     )
+    assert metric(server.url, "llamaherd_kv_cache_usage_ratio") == 0
     # The slot is free: a new request runs at once.
     r = httpx.post(server.url + "/v1/generate", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200
+    # One line per request, with the metric's outcome word; a disconnect is "cancelled".
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    finished = [x for x in lines if x.get("logger") == "llamaherd.requests"]
+    assert [x["outcome"] for x in finished] == ["cancelled", "cancelled", "ok"]
+    assert finished[0]["generated_tokens"] >= 5
 
 
 def test_request_timeout_is_a_clear_504(server_factory, small_model: Path) -> None:

@@ -123,8 +123,7 @@ def test_url_model_downloads_into_cache() -> None:
     pod = builders.build_deployment(body)["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["name"] == names.DOWNLOAD_CONTAINER
-    assert init["command"][:2] == ["python", "-c"]
-    assert "def download(" in init["command"][2]
+    assert init["command"] == ["python", "-m", "llamaherd_operator.model_download"]
     env = env_of(init)
     assert env["DOWNLOAD_URL"] == "https://h.example/m/x.gguf?sig=1"
     assert env["DOWNLOAD_PATH"] == "/models/x.gguf"

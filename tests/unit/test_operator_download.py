@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import http.server
+import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -122,19 +126,35 @@ def test_unreachable_host_gives_up_after_retries(
     assert "model download failed: cannot download" in err.strip().splitlines()[-1]
 
 
-def test_the_embedded_script_runs_as_the_init_container_runs_it(
-    base_url: str, tmp_path: Path
-) -> None:
-    """The pod runs ``python -c <source>``: the source must stand alone (stdlib only)."""
+def init_container(url: str) -> dict[str, Any]:
     body = {
         "metadata": {"name": "m", "namespace": "n", "uid": "u"},
-        "spec": {"model": {"url": f"{base_url}/model.gguf", "sha256": DIGEST}},
+        "spec": {"model": {"url": url, "sha256": DIGEST}},
     }
-    init = builders.build_deployment(body)["spec"]["template"]["spec"]["initContainers"][0]
+    pod = builders.build_deployment(body)["spec"]["template"]["spec"]
+    return cast(dict[str, Any], pod["initContainers"][0])
+
+
+# The operator extra's dependencies and the rest of the project: the server image has none of
+# the former, and the download must not need the latter.
+NOT_IN_THE_DOWNLOAD = ("kopf", "lightkube", "yaml", "pydantic", "pydantic_settings", "httpx")
+
+
+def test_the_module_runs_as_the_init_container_runs_it(base_url: str, tmp_path: Path) -> None:
+    """The pod runs ``python -m llamaherd_operator.model_download`` in the server image, which
+    has no kopf or lightkube: run it so, with those and the operator's other modules blocked."""
+    init = init_container(f"{base_url}/model.gguf")
+    assert init["command"][:2] == ["python", "-m"]
     env = {item["name"]: item["value"] for item in init["env"]}
     env["DOWNLOAD_PATH"] = str(tmp_path / "m.gguf")
+    blocked = [*NOT_IN_THE_DOWNLOAD, *(f"llamaherd_operator.{m}" for m in OPERATOR_MODULES)]
+    runner = (
+        "import runpy, sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        f"runpy.run_module({init['command'][2]!r}, run_name='__main__', alter_sys=True)\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-I", *init["command"][1:]],
+        [sys.executable, "-c", runner],
         env={**env, "PATH": os.environ.get("PATH", "")},
         capture_output=True,
         text=True,
@@ -143,3 +163,56 @@ def test_the_embedded_script_runs_as_the_init_container_runs_it(
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m.gguf").read_bytes() == PAYLOAD
+
+
+OPERATOR_MODULES = sorted(
+    p.stem
+    for p in Path(model_download.__file__).parent.glob("*.py")
+    if p.stem not in ("__init__", "__main__", "model_download")
+)
+
+
+@pytest.mark.parametrize("module", ["__init__.py", "model_download.py"])
+def test_download_imports_only_the_standard_library(module: str) -> None:
+    source = (Path(model_download.__file__).parent / module).read_text(encoding="utf-8")
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
+
+
+def test_pod_template_does_not_carry_the_download_source(tmp_path: Path) -> None:
+    """A new operator with a changed download module builds the same pod template (and hash):
+    upgrading the operator rolls no pod. The changed module is a real copy of the package."""
+    source = Path(model_download.__file__).read_text(encoding="utf-8")
+    init = init_container("https://models.example/m.gguf")
+    assert all(line not in json.dumps(init) for line in source.splitlines() if len(line) > 30)
+
+    package = tmp_path / "llamaherd_operator"
+    shutil.copytree(Path(model_download.__file__).parent, package)
+    (package / "model_download.py").write_text(
+        source + "\n\ndef a_new_feature() -> None:\n    pass\n", encoding="utf-8"
+    )
+    body = {
+        "metadata": {"name": "m", "namespace": "n", "uid": "u"},
+        "spec": {"model": {"url": "https://models.example/m.gguf"}},
+    }
+    program = (
+        "import json, sys, llamaherd_operator.builders as b\n"
+        "assert b.__file__.startswith(sys.argv[2]), b.__file__\n"
+        "print(json.dumps(b.build_deployment(json.loads(sys.argv[1]))['spec']['template']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program, json.dumps(body), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == builders.build_deployment(body)["spec"]["template"]

@@ -49,17 +49,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* The ClusterRole rules of operator/rbac.yaml (copied byte for byte to files/rbac.yaml). */}}
-{{- define "llamaherd.clusterRoleRules" -}}
+{{/* The rules of the ClusterRole named .role in operator/rbac.yaml (copied byte for byte to
+   files/rbac.yaml): llamaherd-operator (namespaced resources) or llamaherd-operator-cluster. */}}
+{{- define "llamaherd.rbacRules" -}}
 {{- $rules := list }}
-{{- range $doc := regexSplit "(?m)^---\\s*$" (.Files.Get "files/rbac.yaml") -1 }}
+{{- range $doc := regexSplit "(?m)^---\\s*$" ($.ctx.Files.Get "files/rbac.yaml") -1 }}
 {{- $object := fromYaml $doc }}
-{{- if eq (get $object "kind") "ClusterRole" }}
+{{- if and (eq (get $object "kind") "ClusterRole") (eq (dig "metadata" "name" "" $object) $.role) }}
 {{- $rules = get $object "rules" }}
 {{- end }}
 {{- end }}
 {{- if not $rules }}
-{{- fail "files/rbac.yaml holds no ClusterRole with rules: run `make chart`" }}
+{{- fail (printf "files/rbac.yaml holds no ClusterRole %s with rules: run `make chart`" $.role) }}
 {{- end }}
 {{- toYaml $rules }}
 {{- end }}
