@@ -8,14 +8,19 @@ benchmark). New replicas become ready after a cold start; a replica being remove
 requests and goes once its requests finish. Loads and the SLO are relative to one replica's
 capacity, so the traces keep their meaning when the benchmark's numbers move.
 
-Three ways to size the fleet, on the same arrivals:
+Six ways to size the fleet, on the same arrivals (the baselines in :mod:`simulator.baselines`,
+each from its project's documented algorithm and defaults):
 - ``llamaherd``: the operator's policy (``llamaherd_operator.policy.decide``) every period,
   fed the queue, running sequences, ready replicas and p95 latency, as Prometheus would;
 - ``fixed``: a fixed number of replicas;
-- ``hpa-cpu``: a CPU-utilization HPA (target 70%, the HPA's default behaviour: +100% or +4
-  pods per 15 s up, 300 s stabilization down, metrics a minute behind). llama.cpp keeps its
+- ``keda-queue``: KEDA's Prometheus scaler on the queue depth (threshold = the policy's
+  target queue depth per replica), through the HPA with its default behaviour;
+- ``kubeai``: KubeAI's moving average of in-flight requests per replica;
+- ``hpa-cpu``: the Kubernetes HPA on CPU utilization (target 70%). llama.cpp keeps its
   threads busy whenever any sequence runs, so CPU reads ~100% on a replica with one request
-  or with a full batch: it cannot see a queue.
+  or with a full batch: it cannot see a queue (:func:`cpu_utilization`);
+- ``hindsight``: the fewest replicas with the capacity for the arrivals, knowing them all in
+  advance, started a cold start ahead: the lower bound on replica-seconds.
 
     python -m simulator.fleet --trace spike --out simulator/results
 """
@@ -30,10 +35,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from llamaherd_operator.policy import History, Metrics, ScalingSpec, decide
+from simulator.baselines import (
+    HPA,
+    CpuHPA,
+    KedaQueue,
+    KubeAI,
+    Observation,
+    Scheduled,
+    hindsight_schedule,
+)
 
 # Output tokens/s of one replica by concurrent streams: the serving benchmark's closed loop for
 # llamaherd (bench/results/results.json, `make bench`), 2-core CPU, ~220M-parameter model.
@@ -92,6 +107,8 @@ class Config:
     target_queue_depth: float = 4.0
     fixed_replicas: int = 2
     hpa_target_cpu: float = 0.7
+    # KubeAI's targetRequests: in-flight requests per replica, 80% of the slots.
+    kubeai_target_requests: int = 13
     throughput: dict[int, float] = field(default_factory=benchmark_throughput)
 
     @property
@@ -146,6 +163,78 @@ def arrivals(cfg: Config) -> list[float]:
     return times
 
 
+POLICIES = ("llamaherd", "fixed", "keda-queue", "kubeai", "hpa-cpu", "hindsight")
+
+
+class Scaler(Protocol):
+    @property
+    def interval_s(self) -> float: ...
+
+    def desired(self, obs: Observation) -> int: ...
+
+
+@dataclass
+class Llamaherd:
+    """The operator's policy, fed what Prometheus would give it."""
+
+    spec: ScalingSpec
+    interval_s: float
+    history: History = field(default_factory=History)
+    latency_p95_s: float | None = None
+
+    def desired(self, obs: Observation) -> int:
+        metrics = Metrics(
+            waiting=obs.waiting,
+            running=obs.running,
+            ready=obs.ready,
+            latency_p95_s=self.latency_p95_s,
+        )
+        return decide(metrics, obs.current, obs.now, self.spec, self.history).desired
+
+
+def scaler_for(cfg: Config, policy: str, arrival_times: list[float]) -> Scaler | None:
+    """The autoscaler behind ``policy`` (None: a fixed fleet)."""
+    lo, hi = cfg.min_replicas, cfg.max_replicas
+    if policy == "fixed":
+        return None
+    if policy == "llamaherd":
+        spec = ScalingSpec(
+            min_replicas=lo,
+            max_replicas=hi,
+            target_queue_depth=cfg.target_queue_depth,
+            slots=cfg.slots,
+        )
+        return Llamaherd(spec, cfg.period_s)
+    if policy == "keda-queue":
+        return KedaQueue(HPA(max(1, lo), hi), cfg.target_queue_depth, min_replicas=lo)
+    if policy == "kubeai":
+        return KubeAI(lo, hi, target_requests=cfg.kubeai_target_requests)
+    if policy == "hpa-cpu":
+        return CpuHPA(HPA(max(1, lo), hi), cfg.hpa_target_cpu)
+    if policy == "hindsight":
+        schedule = hindsight_schedule(
+            arrival_times,
+            cfg.duration_s,
+            cfg.replica_capacity,
+            cfg.cold_start_s,
+            cfg.period_s,
+            lo,
+            hi,
+        )
+        return Scheduled(schedule, lo)
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+def cpu_utilization(replica: Replica) -> float:
+    """The replica's CPU use over its CPU request, as metrics-server reports it.
+
+    llama.cpp runs all its threads on every decode step whatever the batch, and its CPU
+    request is the cores those threads use, so utilization is the fraction of the last minute
+    (metrics-server's usage window) in which the replica decoded at least one sequence.
+    """
+    return float(np.mean(replica.busy_seconds)) if replica.busy_seconds else 0.0
+
+
 def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
     replicas = [
         Replica(ready_at=0.0)
@@ -153,14 +242,7 @@ def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
     ]
     queue: deque[Request] = deque()
     finished: list[Request] = []
-    spec = ScalingSpec(
-        min_replicas=cfg.min_replicas,
-        max_replicas=cfg.max_replicas,
-        target_queue_depth=cfg.target_queue_depth,
-        slots=cfg.slots,
-    )
-    history = History()
-    hpa_recommendations: deque[tuple[float, int]] = deque()
+    scaler = scaler_for(cfg, policy, arrival_times)
     actions = 0
     timeline: dict[str, list[float]] = {
         "t": [],
@@ -197,16 +279,24 @@ def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
         replicas = [r for r in replicas if not (r.leaving and not r.running)]
         replica_seconds += len(replicas)
 
-        if now % cfg.period_s == 0 and now < cfg.duration_s + 600 and policy != "fixed":
+        recent = [r.done - r.arrival for r in finished[-500:] if r.done and r.done > now - 60]
+        if scaler is not None and now % scaler.interval_s == 0:
             current = sum(1 for r in replicas if not r.leaving)
-            if policy == "llamaherd":
-                desired = _llamaherd(now, replicas, queue, finished, current, spec, history)
-            else:
-                desired = _hpa_cpu(cfg, now, replicas, current, hpa_recommendations)
+            ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
+            if isinstance(scaler, Llamaherd):
+                scaler.latency_p95_s = float(np.percentile(recent, 95)) if recent else None
+            obs = Observation(
+                now=float(now),
+                current=current,
+                ready=len(ready),
+                waiting=len(queue),
+                running=sum(len(r.running) for r in ready),
+                cpu_utilization=tuple(cpu_utilization(r) for r in ready),
+            )
+            desired = scaler.desired(obs)
             if desired != current:
                 actions += 1
                 _resize(replicas, current, desired, now + cfg.cold_start_s)
-        recent = [r.done - r.arrival for r in finished[-200:] if r.done and r.done > now - 60]
         timeline["t"].append(now)
         timeline["rate"].append(cfg.rate(now) if now < cfg.duration_s else 0.0)
         timeline["replicas"].append(sum(1 for r in replicas if not r.leaving))
@@ -231,51 +321,6 @@ def simulate(cfg: Config, policy: str, arrival_times: list[float]) -> Result:
         requests=len(arrival_times),
         timeline=timeline,
     )
-
-
-def _llamaherd(
-    now: int,
-    replicas: list[Replica],
-    queue: deque[Request],
-    finished: list[Request],
-    current: int,
-    spec: ScalingSpec,
-    history: History,
-) -> int:
-    ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
-    window = [r.done - r.arrival for r in finished[-500:] if r.done and r.done > now - 60]
-    metrics = Metrics(
-        waiting=len(queue),
-        running=sum(len(r.running) for r in ready),
-        ready=len(ready),
-        latency_p95_s=float(np.percentile(window, 95)) if window else None,
-    )
-    return decide(metrics, current, float(now), spec, history).desired
-
-
-def _hpa_cpu(
-    cfg: Config,
-    now: int,
-    replicas: list[Replica],
-    current: int,
-    recommendations: deque[tuple[float, int]],
-) -> int:
-    ready = [r for r in replicas if r.ready_at <= now and not r.leaving]
-    if not ready:
-        return current
-    # metrics-server averages a minute of CPU; llama.cpp reads busy whenever a sequence runs.
-    utilization = float(
-        np.mean([np.mean(r.busy_seconds) if r.busy_seconds else 0.0 for r in ready])
-    )
-    ratio = utilization / cfg.hpa_target_cpu
-    recommendation = current if abs(ratio - 1) <= 0.1 else math.ceil(len(ready) * ratio)
-    recommendation = max(cfg.min_replicas, min(cfg.max_replicas, recommendation))
-    recommendations.append((now, recommendation))
-    while recommendations and recommendations[0][0] < now - 300:
-        recommendations.popleft()
-    if recommendation > current:
-        return min(recommendation, max(2 * current, current + 4))
-    return min(current, max(r for _, r in recommendations))
 
 
 def _resize(replicas: list[Replica], current: int, desired: int, ready_at: float) -> None:
@@ -307,15 +352,49 @@ def plot(results: list[Result], cfg: Config, path: Path) -> None:
     )
     for res in results:
         t = np.array(res.timeline["t"]) / 60
-        axes[1].step(t, res.timeline["replicas"], where="post", label=res.policy)
+        label = f"{res.policy}: SLO {res.slo_attainment:.1%}, {res.replica_seconds:.0f} replica-s"
+        axes[1].step(t, res.timeline["replicas"], where="post", label=label)
         axes[2].plot(t, res.timeline["p95"], label=res.policy)
     axes[1].set_ylabel("replicas")
-    axes[1].legend(loc="upper left")
+    axes[1].legend(loc="upper left", fontsize="small")
     axes[2].axhline(cfg.slo_latency_s, color="red", linestyle="--", label="SLO")
     axes[2].set_ylabel("p95 latency, last minute (s)")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("minutes")
-    axes[2].legend(loc="upper left")
+    axes[2].legend(loc="upper left", fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_summary(out: Path, path: Path) -> None:
+    """SLO attainment against replica-seconds, every policy on every trace in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(out.glob("fleet-*.json"))
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4.2), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        summary = json.loads(run.read_text())
+        for i, res in enumerate(summary["results"]):
+            ax.scatter(
+                res["replica_seconds"],
+                100 * res["slo_attainment"],
+                color=f"C{i}",
+                marker="*" if res["policy"] == "llamaherd" else "o",
+                s=140 if res["policy"] == "llamaherd" else 50,
+                label=res["policy"],
+            )
+        ax.set_title(f"trace '{summary['config']['trace']}'")
+        ax.set_xlabel("replica-seconds")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("SLO attainment (%)")
+    axes[0][0].legend(loc="lower right", fontsize="small")
+    fig.suptitle("fleet simulator: every policy on every trace (up and left is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -323,7 +402,7 @@ def plot(results: list[Result], cfg: Config, path: Path) -> None:
 
 def run_all(cfg: Config) -> list[Result]:
     times = arrivals(cfg)
-    return [simulate(cfg, policy, times) for policy in ("llamaherd", "fixed", "hpa-cpu")]
+    return [simulate(cfg, policy, times) for policy in POLICIES]
 
 
 def table(results: list[Result], cfg: Config) -> str:
@@ -357,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": [{k: v for k, v in asdict(r).items() if k != "timeline"} for r in results],
     }
     (args.out / f"fleet-{cfg.trace}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_summary(args.out, args.out / "fleet-summary.png")
     md = table(results, cfg)
     (args.out / f"fleet-{cfg.trace}.md").write_text(md + "\n")
     print(md)

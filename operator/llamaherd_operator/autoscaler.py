@@ -19,9 +19,11 @@ It holds (``ScalingActive`` False, no replica written) when:
   ``allowed_prometheus_urls`` (``PrometheusURLNotAllowed``): no request goes to it.
 
 What it writes to ``.status`` (field manager ``llamaherd-autoscaler``, so it never fights the
-reconcile over fields): ``queueDepth``, ``latencyP95Ms``, ``lastScaleTime``, the last 10
-``scalingDecisions`` that changed the size, and the ``ScalingActive`` condition. Every change of
-size, and every change of the reason it holds, is a Kubernetes Event with the numbers.
+reconcile over fields), as built by the pure :func:`llamaherd_operator.status.autoscaler_status`:
+``queueDepth``, ``latencyP95Ms``, ``lastScaleTime``, the last 10 ``scalingDecisions`` that
+changed the size, and the ``ScalingActive`` condition. Every change of size, and every change
+of the reason it holds, is a Kubernetes Event with the numbers. Everything it reads or writes in
+the cluster goes through :class:`llamaherd_operator.kube.Kube`.
 
 No per-object kopf timer: those make kopf put a finalizer on every autoscaled service, and then
 deleting one needs the operator running.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -58,12 +59,11 @@ from llamaherd_operator.prom import (
     prometheus_url_allowed,
     selector_for,
 )
+from llamaherd_operator.status import autoscaler_status
 
 log = logging.getLogger("llamaherd_operator.autoscaler")
 
 FIELD_MANAGER = "llamaherd-autoscaler"
-SCALING_ACTIVE = "ScalingActive"
-MAX_DECISIONS = 10
 CONFLICTING_AUTOSCALER = "ConflictingAutoscaler"
 PROMETHEUS_URL_NOT_ALLOWED = "PrometheusURLNotAllowed"
 CONCURRENCY = 10  # services sized at the same time
@@ -88,10 +88,6 @@ def forget(state: AutoscalerState, key: Key) -> None:
     state.histories.pop(key, None)
     state.last_reason.pop(key, None)
     state.metrics.forget(*key)
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def autoscaling_enabled(spec: Any) -> bool:
@@ -191,59 +187,6 @@ async def autoscale_once(
     status = autoscaler_status(body.get("status") or {}, decision, signals, meta.get("generation"))
     await kube.apply_status(*key, status, field_manager=FIELD_MANAGER)
     return decision
-
-
-def autoscaler_status(
-    old: Mapping[str, Any],
-    decision: Decision,
-    signals: Any,
-    generation: int | None,
-    now: str | None = None,
-) -> dict[str, Any]:
-    """The autoscaler's part of ``.status`` after one decision (pure)."""
-    now = now or _now_iso()
-    status: dict[str, Any] = {}
-    if signals is not None:
-        status["queueDepth"] = float(signals.waiting)
-        if signals.latency_p95_s is not None:
-            status["latencyP95Ms"] = round(signals.latency_p95_s * 1000, 1)
-        elif "latencyP95Ms" in old:
-            status["latencyP95Ms"] = old["latencyP95Ms"]
-    elif "queueDepth" in old:
-        status["queueDepth"] = old["queueDepth"]
-    decisions = list(old.get("scalingDecisions") or [])
-    if decision.desired != decision.current:
-        status["lastScaleTime"] = now
-        decisions.append(
-            {
-                "time": now,
-                "from": decision.current,
-                "to": decision.desired,
-                "reason": decision.reason,
-                "message": decision.message[:1000],
-            }
-        )
-    elif "lastScaleTime" in old:
-        status["lastScaleTime"] = old["lastScaleTime"]
-    if decisions:
-        status["scalingDecisions"] = decisions[-MAX_DECISIONS:]
-    active = "True" if decision.scaling_active else "False"
-    previous = next(
-        (c for c in old.get("conditions") or [] if c.get("type") == SCALING_ACTIVE), None
-    )
-    status["conditions"] = [
-        {
-            "type": SCALING_ACTIVE,
-            "status": active,
-            "reason": decision.reason,
-            "message": decision.message[:1000],
-            "lastTransitionTime": previous["lastTransitionTime"]
-            if previous and previous.get("status") == active and previous.get("lastTransitionTime")
-            else now,
-            "observedGeneration": generation,
-        }
-    ]
-    return status
 
 
 async def _namespace_hpas(state: AutoscalerState, kube: Kube, namespace: str) -> list[Any]:

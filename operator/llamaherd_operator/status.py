@@ -5,7 +5,8 @@ rollout or scale is under way), ``Degraded`` (something needs a person: a failed
 model that fails to load, a crash loop, an image that cannot be pulled, no GPU to schedule on,
 a missing claim) and ``ModelLoading`` (a replica is downloading or loading its model). The
 autoscaler owns ``ScalingActive`` and the metrics fields; the status is written with server-side
-apply, so each writer keeps its own fields (``conditions`` is a map keyed by ``type``).
+apply, so each writer keeps its own fields (``conditions`` is a map keyed by ``type``); its part
+is built here too (:func:`autoscaler_status`), with the same condition and time helpers.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamaherd_operator import builders, names
+from llamaherd_operator.policy import Decision, Metrics
 
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 MODEL_LOADING = "ModelLoading"
 OWNED_CONDITIONS = (READY, PROGRESSING, DEGRADED, MODEL_LOADING)
+# The autoscaler's condition, and how many scaling decisions its status keeps.
+SCALING_ACTIVE = "ScalingActive"
+MAX_DECISIONS = 10
 
 # Degraded reasons, most telling first: the first found is the one reported.
 MODEL_DOWNLOAD_FAILED = "ModelDownloadFailed"
@@ -403,6 +408,56 @@ def merge_conditions(
             item["observedGeneration"] = int(generation)
         merged.append(item)
     return merged
+
+
+def autoscaler_status(
+    old: Mapping[str, Any],
+    decision: Decision,
+    signals: Metrics | None,
+    generation: int | None,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The autoscaler's part of ``.status`` after one decision: the last signals (kept from
+    ``old`` when there are none), the scaling decisions that changed the size, and the
+    ``ScalingActive`` condition, whose ``lastTransitionTime`` moves only when its status does."""
+    moment = now or dt.datetime.now(dt.UTC)
+    stamp = rfc3339(moment)
+    status: dict[str, Any] = {}
+    if signals is not None:
+        status["queueDepth"] = float(signals.waiting)
+        if signals.latency_p95_s is not None:
+            status["latencyP95Ms"] = round(signals.latency_p95_s * 1000, 1)
+        elif "latencyP95Ms" in old:
+            status["latencyP95Ms"] = old["latencyP95Ms"]
+    elif "queueDepth" in old:
+        status["queueDepth"] = old["queueDepth"]
+    decisions = list(old.get("scalingDecisions") or [])
+    if decision.desired != decision.current:
+        status["lastScaleTime"] = stamp
+        decisions.append(
+            {
+                "time": stamp,
+                "from": decision.current,
+                "to": decision.desired,
+                "reason": decision.reason,
+                "message": decision.message[:1000],
+            }
+        )
+    elif "lastScaleTime" in old:
+        status["lastScaleTime"] = old["lastScaleTime"]
+    if decisions:
+        status["scalingDecisions"] = decisions[-MAX_DECISIONS:]
+    condition = _condition(
+        SCALING_ACTIVE,
+        "True" if decision.scaling_active else "False",
+        decision.reason,
+        decision.message[:1000],
+    )
+    previous = [c for c in old.get("conditions") or [] if c.get("type") == SCALING_ACTIVE]
+    status["conditions"] = merge_conditions(
+        previous, [condition], now=moment, generation=generation
+    )
+    return status
 
 
 def _by_type(status: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:

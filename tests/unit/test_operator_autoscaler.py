@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import pytest
 
 from llamaherd_operator import autoscaler
+from llamaherd_operator.kube import Kube
 from llamaherd_operator.metrics import OperatorMetrics
-from llamaherd_operator.policy import Decision, conflicting_autoscalers
+from llamaherd_operator.policy import Metrics, conflicting_autoscalers
 from llamaherd_operator.prom import prometheus_url_allowed
 from llamaherd_operator.settings import OperatorSettings, parse_labels
 
@@ -69,8 +71,13 @@ def test_conflicting_autoscalers() -> None:
 
 
 class FakeKube:
-    def __init__(self) -> None:
+    """An in-memory stand-in for :class:`llamaherd_operator.kube.Kube`: the methods the
+    autoscaler calls, with the same signatures, recording what would reach the API."""
+
+    def __init__(self, hpas: list[dict[str, Any]] | None = None) -> None:
+        self.hpas = list(hpas or [])
         self.scaled: list[tuple[str, str, int]] = []
+        self.scale_managers: list[str] = []
         self.events: list[tuple[str, str, str]] = []
         self.statuses: list[tuple[str, dict[str, Any], str]] = []
 
@@ -78,29 +85,42 @@ class FakeKube:
         self, namespace: str, name: str, replicas: int, field_manager: str
     ) -> None:
         self.scaled.append((namespace, name, replicas))
+        self.scale_managers.append(field_manager)
 
     async def post_event(self, obj: Any, type: str, reason: str, message: str) -> None:
         self.events.append((type, reason, message))
 
     async def apply_status(
-        self, namespace: str, name: str, status: dict[str, Any], field_manager: str = ""
-    ) -> dict[str, Any]:
-        self.statuses.append((name, status, field_manager))
+        self, namespace: str, name: str, status: Any, field_manager: str = ""
+    ) -> dict[str, Any] | None:
+        self.statuses.append((name, dict(status), field_manager))
         return {}
 
     async def list_horizontal_pod_autoscalers(self, namespace: str) -> list[dict[str, Any]]:
-        return []
+        return [h for h in self.hpas if h["metadata"].get("namespace", namespace) == namespace]
+
+
+def test_the_fake_has_the_kube_modules_signatures() -> None:
+    fake = [name for name in vars(FakeKube) if not name.startswith("_")]
+    assert fake, "the fake implements nothing"
+    for name in fake:
+        ours = inspect.signature(getattr(FakeKube, name)).parameters
+        real = inspect.signature(getattr(Kube, name)).parameters
+        assert list(ours) == list(real), name
 
 
 class FakePrometheus:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self.urls: list[str] = []
+        self.metrics = metrics
 
     async def service_metrics(self, url: str, queries: Any, **_: Any) -> Any:
         self.urls.append(url)
         from llamaherd_operator.prom import MetricsUnavailable
 
-        raise MetricsUnavailable(f"prometheus at {url} unreachable")
+        if self.metrics is None:
+            raise MetricsUnavailable(f"prometheus at {url} unreachable")
+        return self.metrics
 
 
 def state(prometheus: FakePrometheus, allowed: list[str] | None = None) -> Any:
@@ -182,16 +202,48 @@ def test_autoscale_all_skips_services_without_autoscaling() -> None:
     assert [name for name, _, _ in kube.statuses] == ["chat"]
 
 
-def test_autoscaler_status_keeps_the_transition_time() -> None:
-    held = Decision(2, 2, "MetricsUnavailable", "no metrics", scaling_active=False)
-    first = autoscaler.autoscaler_status({}, held, None, 1, now="2026-01-01T00:00:00Z")
-    later = autoscaler.autoscaler_status(first, held, None, 1, now="2026-01-01T00:01:00Z")
-    assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
-    up = Decision(3, 2, "ScaleUp", "queue")
-    scaled = autoscaler.autoscaler_status(later, up, None, 1, now="2026-01-01T00:02:00Z")
-    assert scaled["lastScaleTime"] == "2026-01-01T00:02:00Z"
-    assert scaled["scalingDecisions"][-1]["to"] == 3
-    assert scaled["conditions"][0]["status"] == "True"
+def test_one_autoscaling_period_scales_reports_and_writes_status_through_kube() -> None:
+    """A queue in burst on 2 replicas: one period scales to 5 through the scale subresource,
+    posts the Event and applies the autoscaler's status, all through the Kube module."""
+    prometheus = FakePrometheus(Metrics(waiting=20, running=16, ready=2, latency_p95_s=4.2))
+    kube = FakeKube()
+    scaled = service(maxReplicas=8)
+    other = service()
+    other["metadata"]["namespace"] = "other-ns"
+    other["spec"]["autoscaling"]["enabled"] = False
+    asyncio.run(autoscaler.autoscale_all([scaled, other], state(prometheus), kube))  # type: ignore[arg-type]
+    assert kube.scaled == [("ns", "chat", 5)]  # ceil(2 x (20 / 2) / 4), at once in a burst
+    assert kube.scale_managers == ["llamaherd-autoscaler"]
+    assert [(kind, reason) for kind, reason, _ in kube.events] == [("Normal", "BurstScaleUp")]
+    assert "2 -> 5" in kube.events[0][2]
+    ((name, status, manager),) = kube.statuses
+    assert (name, manager) == ("chat", "llamaherd-autoscaler")
+    assert status["queueDepth"] == 20.0
+    assert status["latencyP95Ms"] == 4200.0
+    (decision,) = status["scalingDecisions"]
+    assert (decision["from"], decision["to"], decision["reason"]) == (2, 5, "BurstScaleUp")
+    assert status["lastScaleTime"] == decision["time"]
+    (cond,) = status["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"], cond["observedGeneration"]) == (
+        "ScalingActive",
+        "True",
+        "BurstScaleUp",
+        3,
+    )
+
+
+def test_a_steady_period_writes_status_but_no_replicas_and_no_repeated_event() -> None:
+    prometheus = FakePrometheus(Metrics(waiting=0, running=13, ready=2))
+    kube = FakeKube()
+    body = service(maxReplicas=8)
+    autoscaler_state = state(prometheus)
+    for _ in range(2):
+        asyncio.run(autoscaler.autoscale_once(body, autoscaler_state, kube))  # type: ignore[arg-type]
+    assert kube.scaled == []
+    assert [reason for _, reason, _ in kube.events] == ["Steady"]  # once: the reason held
+    assert len(kube.statuses) == 2
+    assert all(s["conditions"][0]["status"] == "True" for _, s, _ in kube.statuses)
+    assert "scalingDecisions" not in kube.statuses[-1][1]
 
 
 @pytest.mark.parametrize(

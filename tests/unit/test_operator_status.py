@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 
 from llamaherd_operator import names
+from llamaherd_operator.policy import Decision, Metrics
 from llamaherd_operator.status import (
+    MAX_DECISIONS,
     Event,
     Problem,
+    autoscaler_status,
     compute_status,
     merge_conditions,
     pod_problems,
@@ -476,3 +479,61 @@ def test_transition_events() -> None:
         ("Normal", "Recovered"),
     ]
     assert transition_events(ready, ready) == []
+
+
+def test_autoscaler_status_keeps_the_transition_time() -> None:
+    at = [dt.datetime(2026, 1, 1, 0, minute, 0, tzinfo=dt.UTC) for minute in range(3)]
+    held = Decision(2, 2, "MetricsUnavailable", "no metrics", scaling_active=False)
+    first = autoscaler_status({}, held, None, 1, now=at[0])
+    later = autoscaler_status(first, held, None, 1, now=at[1])
+    assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    up = Decision(3, 2, "ScaleUp", "queue")
+    scaled = autoscaler_status(later, up, None, 1, now=at[2])
+    assert scaled["lastScaleTime"] == "2026-01-01T00:02:00Z"
+    assert scaled["scalingDecisions"][-1]["to"] == 3
+    assert scaled["conditions"][0]["status"] == "True"
+    assert scaled["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+
+
+def test_autoscaler_status_fields() -> None:
+    signals = Metrics(waiting=7, running=3, ready=1, latency_p95_s=1.23456)
+    steady = Decision(1, 1, "Steady", "1 replicas fit the load")
+    status = autoscaler_status({}, steady, signals, 4, now=NOW)
+    assert status == {
+        "queueDepth": 7.0,
+        "latencyP95Ms": 1234.6,
+        "conditions": [
+            {
+                "type": "ScalingActive",
+                "status": "True",
+                "reason": "Steady",
+                "message": "1 replicas fit the load",
+                "lastTransitionTime": "2026-01-02T03:04:05Z",
+                "observedGeneration": 4,
+            }
+        ],
+    }
+    # Without signals (Prometheus down) the last queue depth stays (as before the move to this
+    # module, the latency does not); with signals but no latency, the last latency stays.
+    held = Decision(1, 1, "MetricsUnavailable", "down", scaling_active=False)
+    kept = autoscaler_status(status, held, None, 4, now=NOW)
+    assert kept["queueDepth"] == 7.0
+    no_latency = autoscaler_status(status, steady, Metrics(0, 0, 1), 4, now=NOW)
+    assert (no_latency["queueDepth"], no_latency["latencyP95Ms"]) == (0.0, 1234.6)
+    # Only the ScalingActive condition is the autoscaler's; the reconcile's stay out of it.
+    mixed = {"conditions": [{"type": "Ready", "status": "True"}, *status["conditions"]]}
+    assert [c["type"] for c in autoscaler_status(mixed, steady, None, 4)["conditions"]] == [
+        "ScalingActive"
+    ]
+
+
+def test_autoscaler_status_keeps_the_last_decisions() -> None:
+    status: dict[str, Any] = {}
+    for step in range(MAX_DECISIONS + 3):
+        up = Decision(step + 2, step + 1, "ScaleUp", "x" * 2000)
+        status = autoscaler_status(status, up, None, 1, now=NOW)
+    decisions = status["scalingDecisions"]
+    assert len(decisions) == MAX_DECISIONS
+    assert decisions[-1]["to"] == MAX_DECISIONS + 4
+    assert decisions[0]["from"] == 4
+    assert len(decisions[-1]["message"]) == 1000
