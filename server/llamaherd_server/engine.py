@@ -1,27 +1,29 @@
-"""Continuous batching on llama.cpp.
+"""Continuous batching: the scheduler.
 
-One llama.cpp context holds a unified KV cache with ``slots`` sequences of ``context_size``
-tokens each. One scheduler thread owns it; nothing else touches the context. Each iteration:
+One model context holds a unified KV cache with ``slots`` sequences of ``context_size`` tokens
+each. One scheduler thread owns it; nothing else touches the context. Each iteration:
 
 1. drop sequences whose client went away or whose deadline passed (their KV is freed at once);
 2. admit waiting requests into free slots, best rank first (see :mod:`llamaherd_server.queue`);
-3. build ONE ``llama_batch``: the pending token of every decoding sequence, then prefill chunks
-   of admitted prompts until the per-step token budget is spent (chunked prefill keeps the
+3. build ONE batch: the pending token of every decoding sequence, then prefill chunks of
+   admitted prompts until the per-step token budget is spent (chunked prefill keeps the
    inter-token latency of running sequences flat while long prompts arrive);
-4. ``llama_decode`` (a ctypes call: it releases the GIL, so the HTTP side keeps running);
-5. sample each sequence that produced logits with its own sampler chain, stream its text out,
-   and finish it (``llama_memory_seq_rm``, slot freed) on EOS, a stop string, ``max_tokens``
-   or a full context.
+4. decode it (``llama_decode`` is a ctypes call: it releases the GIL, so the HTTP side keeps
+   running);
+5. sample each sequence that produced logits with its own sampler, stream its text out, and
+   finish it (its KV dropped, slot freed) on EOS, a stop string, ``max_tokens`` or a full
+   context.
 
-The engine knows nothing of HTTP. It reports to each request through a callback that the
-caller makes thread-safe (the API hands tokens to its event loop with ``call_soon_threadsafe``).
+The engine knows nothing of HTTP, nor of llama.cpp: it drives a
+:class:`~llamaherd_server.backend.Backend`, by default
+:class:`~llamaherd_server.llama_backend.LlamaBackend` (the unit tests give it a fake). It
+reports to each request through a callback that the caller makes thread-safe (the API hands
+tokens to its event loop with ``call_soon_threadsafe``).
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
-import ctypes
 import functools
 import logging
 import math
@@ -34,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .loadfail import ModelLoadError, check_model_file, failure_message
+from .backend import Backend, BatchToken
+from .llama_backend import LlamaBackend
+from .loadfail import ModelLoadError, failure_message
 from .metrics import ServerMetrics
 from .queue import PriorityQueue, QueueFull
 
@@ -173,57 +177,6 @@ def _run_emits(outbox: list[tuple[Callable[[Event], object], Event]]) -> None:
         emit(event)
 
 
-class _LlamaErrors:
-    """Keeps llama.cpp's error log lines while a call runs (it says *why* a load failed only
-    there), still handing every line to llama-cpp-python's own callback."""
-
-    _ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
-
-    def __init__(self, lib: Any) -> None:
-        self.lib = lib
-        self.lines: list[tuple[int, str]] = []
-        self._callback: Any = None
-        self._forward: Any = None
-
-    def __enter__(self) -> _LlamaErrors:
-        try:
-            from llama_cpp import _logger
-
-            self._forward = _logger.llama_log_callback
-        except (ImportError, AttributeError):
-            self._forward = None
-        forward = self._forward
-        lines = self.lines
-
-        def capture(level: int, text: bytes, user_data: Any) -> None:
-            if level in (self._ERROR - 1, self._ERROR) and text:
-                lines.append((level, text.decode("utf-8", errors="replace")))
-            if forward is not None:
-                with contextlib.suppress(Exception):  # never raise into C
-                    forward(level, text, user_data)
-
-        try:
-            self._callback = self.lib.llama_log_callback(capture)
-            self.lib.llama_log_set(self._callback, ctypes.c_void_p(0))
-        except (AttributeError, TypeError):
-            self._callback = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._callback is not None:
-            self.lib.llama_log_set(self._forward, ctypes.c_void_p(0))
-
-    def last(self) -> str:
-        """The most telling error line: llama.cpp's "error loading model: <why>" if there is
-        one, else the first error line ("failed to load model" comes last and says nothing)."""
-        lines = [(level, " ".join(text.split())) for level, text in self.lines]
-        marker = "error loading model: "
-        for _, line in lines:
-            if marker in line:
-                return line.split(marker, 1)[1]
-        return next((line for level, line in lines if level == self._ERROR and line), "")
-
-
 def safe_emit_length(text: str, stops: tuple[str, ...]) -> int:
     """How much of ``text`` can be streamed without giving away the start of a stop string."""
     hold = 0
@@ -254,6 +207,7 @@ class Engine:
         seed: int = -1,
         stall_seconds: float = 120.0,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.model_path = model_path
         # How the scheduler thread hands events out (see _deliver). None: it calls each
@@ -301,12 +255,16 @@ class Engine:
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
         self._thread_ident: int | None = None
         self._free_slots = list(range(slots - 1, -1, -1))
-        self._lib: Any = None
-        self._model: Any = None
-        self._ctx: Any = None
-        self._vocab: Any = None
-        self._mem: Any = None
-        self._batch: Any = None
+        # The model runtime; only the scheduler thread decodes (tokenize: any thread).
+        self.backend: Backend = backend or LlamaBackend(
+            model_path,
+            slots=slots,
+            context_size=context_size,
+            batch_size=self.token_budget,
+            threads=threads,
+            gpu_layers=gpu_layers,
+        )
+        self._loaded = False
         self._avg_latency_s = 1.0
         metrics.slots.set(slots)
 
@@ -318,72 +276,23 @@ class Engine:
         On failure ``load_error`` holds the one line that says why (``model load failed:
         <path>: <cause>``), logged once, and the exception is re-raised."""
         try:
-            self._load()
+            self.backend.load()
         except Exception as exc:
             cause = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             self.load_error = failure_message(self.model_path, cause)
             log.error("%s", self.load_error)
             raise
+        backend = self.backend
+        self.n_vocab = backend.n_vocab
+        self.chat_template = backend.chat_template
+        self.bos_text = backend.bos_text
+        self.eos_text = backend.eos_text
+        with self._users_idle:
+            self._loaded = True
         self._thread = threading.Thread(target=self._loop, name="llamaherd-engine", daemon=True)
         self._thread.start()
         self.ready = True
         self.metrics.ready.set(1)
-
-    def _load(self) -> None:
-        import llama_cpp as lib
-
-        # llama-cpp-python prints llama.cpp's own log lines through this logger's level.
-        logging.getLogger("llama-cpp-python").setLevel(
-            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
-        )
-        check_model_file(self.model_path, gpu_layers=self.gpu_layers)
-        self._lib = lib
-        lib.llama_backend_init()
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 999
-        with _LlamaErrors(lib) as errors:
-            model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not model:
-            detail = errors.last() or (
-                "corrupt or truncated file, an unknown architecture, or not enough memory"
-            )
-            raise ModelLoadError(f"llama.cpp could not load it: {detail}")
-        self._model = model
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = self.slots * self.context_size
-        cparams.n_batch = self.token_budget
-        cparams.n_ubatch = min(self.token_budget, 512)
-        cparams.n_seq_max = self.slots
-        cparams.kv_unified = True
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads
-        cparams.no_perf = True
-        with _LlamaErrors(lib) as errors:
-            ctx = lib.llama_init_from_model(model, cparams)
-        if not ctx:
-            detail = errors.last()
-            raise ModelLoadError(
-                f"llama.cpp could not create a context of {self.slots} x "
-                f"{self.context_size} tokens (out of memory? try fewer slots or a smaller "
-                "context-size)" + (f": {detail}" if detail else "")
-            )
-        self._ctx = ctx
-        self._vocab = lib.llama_model_get_vocab(model)
-        self._mem = lib.llama_get_memory(ctx)
-        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
-        self._batch = lib.llama_batch_init(self.token_budget, 0, 1)
-        template = lib.llama_model_chat_template(model, None)
-        self.chat_template = template.decode("utf-8") if template else None
-        self.bos_text = self.token_text(lib.llama_vocab_bos(self._vocab))
-        self.eos_text = self.token_text(lib.llama_vocab_eos(self._vocab))
-        log.info(
-            "model loaded: %s, %d slots x %d tokens, token budget %d, %d threads",
-            self.model_path.name,
-            self.slots,
-            self.context_size,
-            self.token_budget,
-            self.threads,
-        )
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop the scheduler thread, then free the context and the model.
@@ -424,23 +333,10 @@ class Engine:
         self._free()
 
     def _free(self) -> None:
-        lib = self._lib
-        if lib is None:
-            return
         for seq in list(self._running.values()):
-            lib.llama_sampler_free(seq.sampler)
+            self.backend.free_sampler(seq.sampler)
         self._running.clear()
-        if self._batch is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if self._model:
-            self._vocab = None
-            self._mem = None
-            lib.llama_model_free(self._model)
-            self._model = None
+        self.backend.free()
 
     def start_drain(self) -> None:
         self.draining = True
@@ -511,40 +407,18 @@ class Engine:
         """Tokens of ``text``. Safe from any thread: it reads only the vocabulary, and close()
         waits for it before freeing the model."""
         with self._users_idle:
-            if self._closed or self._vocab is None:
+            if self._closed or not self._loaded:
                 raise EngineNotReady("model is loading" if not self._closed else "shutting down")
             self._users += 1
         try:
-            return self._tokenize(text, add_special, parse_special)
+            return self.backend.tokenize(text, add_special, parse_special)
         finally:
             with self._users_idle:
                 self._users -= 1
                 self._users_idle.notify_all()
 
-    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        lib = self._lib
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (lib.llama_token * n_max)()
-        n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
-            buf = (lib.llama_token * n_max)()
-            n = lib.llama_tokenize(
-                self._vocab, data, len(data), buf, n_max, add_special, parse_special
-            )
-        return list(buf[:n])
-
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
-    def token_text(self, token: int) -> str:
-        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+        return self.backend.token_bytes(token, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
@@ -715,93 +589,58 @@ class Engine:
         self.metrics.requests_running.set(len(self._running))
 
     def _make_sampler(self, p: SamplingParams) -> Any:
-        lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if p.has_penalties:
-            lib.llama_sampler_chain_add(
-                chain,
-                lib.llama_sampler_init_penalties(
-                    self.n_vocab,
-                    p.penalty_last_n,
-                    p.repeat_penalty,
-                    p.frequency_penalty,
-                    p.presence_penalty,
-                ),
-            )
-        if p.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        if p.top_k > 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
-        if p.top_p < 1.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
-        if p.min_p > 0.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
         seed = p.seed
         if seed is None:
             seed = self.default_seed if self.default_seed >= 0 else random.getrandbits(32)
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+        return self.backend.make_sampler(p, seed)
 
     def _step(self) -> None:
-        lib = self._lib
-        batch = self._batch
+        """One decode step: the pending token of every decoding sequence, then prefill chunks
+        while the token budget lasts; then sample every sequence that got logits."""
+        backend = self.backend
         budget = self.token_budget
-        n = 0
+        batch: list[BatchToken] = []
         outputs: list[tuple[int, _Sequence]] = []  # (batch index, sequence)
         prefill_tokens = 0
-
-        def add(token: int, pos: int, slot: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot
-            batch.logits[n] = logits
-            n += 1
-
         for seq in self._running.values():
             if seq.next_token is not None:
-                outputs.append((n, seq))
-                add(seq.next_token, seq.pos, seq.slot, True)
+                outputs.append((len(batch), seq))
+                batch.append((seq.next_token, seq.pos, seq.slot, True))
                 seq.pos += 1
                 seq.next_token = None
         sequences = len(outputs)
         for seq in self._running.values():
             prompt = seq.req.prompt_tokens
-            if seq.prompt_i >= len(prompt) or n >= budget:
+            if seq.prompt_i >= len(prompt) or len(batch) >= budget:
                 continue
             sequences += 1
-            end = min(len(prompt), seq.prompt_i + budget - n)
+            end = min(len(prompt), seq.prompt_i + budget - len(batch))
             if seq.req.params.has_penalties and seq.prompt_i == 0:
-                for token in prompt:
-                    lib.llama_sampler_accept(seq.sampler, token)
+                backend.accept(seq.sampler, prompt)
             for i in range(seq.prompt_i, end):
                 last = i == len(prompt) - 1
                 if last:
-                    outputs.append((n, seq))
-                add(prompt[i], seq.pos, seq.slot, last)
+                    outputs.append((len(batch), seq))
+                batch.append((prompt[i], seq.pos, seq.slot, last))
                 seq.pos += 1
             prefill_tokens += end - seq.prompt_i
             seq.prompt_i = end
-        # The last step's tokens go out now: the event loop handles them during llama_decode.
+        # The last step's tokens go out now: the event loop handles them during the decode.
         self._deliver()
-        if n == 0:
+        if not batch:
             return
-        batch.n_tokens = n
         started = time.perf_counter()
-        rc = lib.llama_decode(self._ctx, batch)
+        rc = backend.decode(batch)
         self.metrics.decode_step.observe(time.perf_counter() - started)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         self.metrics.batch_size.observe(sequences)
-        self.metrics.batch_tokens.observe(n)
+        self.metrics.batch_tokens.observe(len(batch))
         if prefill_tokens:
             self.metrics.prompt_tokens.inc(prefill_tokens)
         now = time.monotonic()
         for index, seq in outputs:
-            token = lib.llama_sampler_sample(seq.sampler, self._ctx, index)
+            token = backend.sample(seq.sampler, index)
             self._accept_token(seq, token, now)
         self.metrics.generated_tokens.inc(len(outputs))
         self._set_kv_usage()
@@ -821,15 +660,16 @@ class Engine:
         else:
             self.metrics.inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        if not p.ignore_eos and self._lib.llama_vocab_is_eog(self._vocab, token):
+        if not p.ignore_eos and self.backend.is_eog(token):
             self._finish(seq, "stop")
             return
         seq.generated += 1
-        seq.text += seq.decoder.decode(self.token_bytes(token))
+        piece = self.backend.token_bytes(token)
+        seq.text += seq.decoder.decode(piece)
         if p.stop:
             # A stop string can only newly appear in the tail that this token touched.
             longest = max(len(s) for s in p.stop)
-            start = max(0, len(seq.text) - len(self.token_bytes(token)) - longest)
+            start = max(0, len(seq.text) - len(piece) - longest)
             hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
             if hits:
                 seq.text = seq.text[: min(hits)]
@@ -852,9 +692,8 @@ class Engine:
         self._emit(seq.req, TextChunk(chunk, 1))
 
     def _release(self, seq: _Sequence) -> None:
-        lib = self._lib
-        lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-        lib.llama_sampler_free(seq.sampler)
+        self.backend.seq_rm(seq.slot)
+        self.backend.free_sampler(seq.sampler)
         del self._running[seq.slot]
         self._free_slots.append(seq.slot)
         self.metrics.requests_running.set(len(self._running))

@@ -89,7 +89,7 @@ def test_cancellation_frees_the_slot_and_its_kv_within_an_iteration(
     running = h.submit(PROMPTS[0], max_tokens=1000, ignore_eos=True)
     waiting = h.submit(PROMPTS[1], max_tokens=4, ignore_eos=True)
     wait_for(lambda: running.tokens >= 5, message="first request generating")
-    assert engine._lib.llama_memory_seq_pos_max(engine._mem, 0) >= 5
+    assert engine.backend.lib.llama_memory_seq_pos_max(engine.backend.mem, 0) >= 5
 
     engine.cancel(running.req)
     result = running.result
@@ -100,7 +100,7 @@ def test_cancellation_frees_the_slot_and_its_kv_within_an_iteration(
     assert waiting.result.completion_tokens == 4
     assert running.tokens == tokens_at_cancel
     wait_for(lambda: engine.active_count == 0)
-    assert engine._lib.llama_memory_seq_pos_max(engine._mem, 0) == -1
+    assert engine.backend.lib.llama_memory_seq_pos_max(engine.backend.mem, 0) == -1
     assert h.metric("llamaherd_requests_total", {"outcome": "cancelled"}) == 1
 
 
@@ -155,7 +155,7 @@ def test_the_kv_usage_gauge_follows_every_release(make_engine, small_model: Path
     short = h.submit(PROMPTS[2], max_tokens=3, temperature=0, ignore_eos=True)
     assert isinstance(short.result, Finished)
     assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
-    assert engine._lib.llama_memory_seq_pos_max(engine._mem, 0) == -1
+    assert engine.backend.lib.llama_memory_seq_pos_max(engine.backend.mem, 0) == -1
 
 
 def test_max_tokens_eos_and_stop_strings(make_engine, tiny_model: Path) -> None:
@@ -329,7 +329,7 @@ def test_close_never_frees_the_context_under_a_running_step(
     and the step finishes on a context that is still there; a later close() frees it."""
     h = make_engine(tiny_model, slots=1, max_wait_ms=0)
     engine = h.engine
-    lib = engine._lib
+    lib = engine.backend.lib
     freed: list[str] = []
     for name in ("llama_free", "llama_model_free", "llama_batch_free", "llama_sampler_free"):
         real = getattr(lib, name)
@@ -359,7 +359,8 @@ def test_close_never_frees_the_context_under_a_running_step(
     engine.close()
     assert time.monotonic() - started < 5
     assert freed == []
-    assert engine._ctx is not None and engine._model is not None and engine._batch is not None
+    backend = engine.backend
+    assert backend.ctx is not None and backend.model is not None and backend.batch is not None
     assert "leaving the llama.cpp context and model allocated" in caplog.text
     assert not engine.ready
 
@@ -371,4 +372,4 @@ def test_close_never_frees_the_context_under_a_running_step(
     assert tracked.tokens == 1
     engine.close()
     assert {"llama_free", "llama_model_free", "llama_batch_free"} <= set(freed)
-    assert engine._ctx is None and engine._model is None
+    assert engine.backend.ctx is None and engine.backend.model is None

@@ -8,8 +8,9 @@ from pydantic import ValidationError
 
 from llamaherd_server import metrics
 from llamaherd_server.chat import ChatTemplateError, render_chat
-from llamaherd_server.engine import _LlamaErrors, safe_emit_length
+from llamaherd_server.engine import safe_emit_length
 from llamaherd_server.ggufgen import CHATML_TEMPLATE, build_vocab
+from llamaherd_server.llama_backend import _LlamaErrors
 from llamaherd_server.loadfail import (
     ModelLoadError,
     check_model_file,

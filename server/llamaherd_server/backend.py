@@ -1,0 +1,57 @@
+"""What the scheduler needs from a model runtime: the small interface between
+:class:`~llamaherd_server.engine.Engine` (admission, slots, token budget, chunked prefill,
+cancellation, expiry) and the llama.cpp binding
+(:class:`~llamaherd_server.llama_backend.LlamaBackend`).
+
+Only the scheduler thread calls ``make_sampler``, ``accept``, ``decode``, ``sample``,
+``free_sampler`` and ``seq_rm``; ``tokenize`` and ``token_bytes`` may run on any thread while the
+model is loaded. Unit tests drive the scheduler with a fake that follows the same protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .engine import SamplingParams
+
+# One entry of a decode batch: (token, position, sequence id, wants logits).
+BatchToken = tuple[int, int, int, bool]
+
+
+class Backend(Protocol):
+    # Known once load() has returned.
+    n_vocab: int
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+
+    def load(self) -> None:
+        """Load the model and make the context; raise (ModelLoadError says why) on failure."""
+
+    def free(self) -> None:
+        """Free the context and the model; a no-op when nothing is loaded."""
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> Any:
+        """A sampler for one sequence; freed with free_sampler."""
+
+    def accept(self, sampler: Any, tokens: Sequence[int]) -> None:
+        """Feed tokens that the sampler did not pick (the prompt) to its penalties."""
+
+    def free_sampler(self, sampler: Any) -> None: ...
+
+    def decode(self, batch: Sequence[BatchToken]) -> int:
+        """Run one batch through the model; 0 on success, llama_decode's code otherwise."""
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """The next token from the logits of the batch entry at ``index``."""
+
+    def seq_rm(self, seq_id: int) -> None:
+        """Drop every KV cell of one sequence."""

@@ -1,0 +1,250 @@
+"""The bridge between the event loop and the engine's scheduler thread.
+
+A :class:`Generation` submits one request, receives its events on the event loop (the engine
+hands them over with ``call_soon_threadsafe``), and turns them into a whole text or a stream;
+a client that goes away cancels the request, which frees its slot. Each request logs one line
+and counts one ``llamaherd_requests_total`` sample, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.types import Receive
+
+from .engine import (
+    Engine,
+    EngineDraining,
+    EngineNotReady,
+    Failed,
+    Finished,
+    GenerationRequest,
+    QueueFull,
+    SamplingParams,
+    TextChunk,
+)
+from .errors import (
+    APIError,
+    disconnected_error,
+    draining_error,
+    failed_error,
+    not_ready_error,
+    queue_full_error,
+)
+from .metrics import ServerMetrics
+from .protocol import error_body
+
+request_log = logging.getLogger("llamaherd.requests")
+
+
+def log_finished(
+    outcome: str,
+    *,
+    req: GenerationRequest | None = None,
+    generated: int = 0,
+    finish: Finished | None = None,
+    reason: str | None = None,
+) -> None:
+    """The one log line of a finished request; ``outcome`` is the word that its
+    ``llamaherd_requests_total`` sample carries (ok, rejected, timeout, cancelled, error)."""
+    now = time.monotonic()
+    fields: dict[str, Any] = {
+        "request_id": req.id if req else None,
+        "priority": req.priority if req else None,
+        "prompt_tokens": len(req.prompt_tokens) if req else 0,
+        "generated_tokens": generated,
+        "queue_wait_ms": (
+            round(((req.admitted_at or now) - req.arrival) * 1000, 2) if req else 0.0
+        ),
+        "latency_ms": round((now - req.arrival) * 1000, 2) if req else 0.0,
+        "outcome": outcome,
+        "finish_reason": finish.finish_reason if finish else None,
+    }
+    if reason is not None:
+        fields["reason"] = reason
+    request_log.info(
+        "request %s %s", fields["request_id"] or "-", outcome, extra={"fields": fields}
+    )
+
+
+def refuse(
+    metrics: ServerMetrics, error: APIError, req: GenerationRequest | None = None
+) -> APIError:
+    """Count and log a request refused before it ran (queue full, draining, not ready)."""
+    metrics.requests.labels(outcome="rejected").inc()
+    log_finished("rejected", req=req, reason=error.message)
+    return error
+
+
+def ensure_ready(engine: Engine, metrics: ServerMetrics) -> Engine:
+    """The engine, or the refusal (counted and logged) that says why it admits nothing now."""
+    reason = engine.unavailable_reason()
+    if reason == "draining":
+        raise refuse(metrics, draining_error())
+    if reason is not None:
+        raise refuse(metrics, not_ready_error(reason))
+    return engine
+
+
+class Generation:
+    """One request's trip through the engine, seen from the event loop.
+
+    It logs the request's one line when it ends, however it ends: finished, failed in the
+    engine, refused at submission, or left by its client (the stream is closed early)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        priority: int,
+        timeout_s: float,
+    ) -> None:
+        self.engine = engine
+        self.events: asyncio.Queue[TextChunk | Finished | Failed] = asyncio.Queue()
+        self.done = False
+        self.generated = 0
+        self.logged = False
+        self.req = GenerationRequest(
+            prompt_tokens=prompt_tokens,
+            params=params,
+            priority=priority,
+            timeout_s=timeout_s,
+            # The engine calls this on the event loop (its ``dispatch``), once per step for all
+            # the step's events, so no hand-off of its own is needed here.
+            emit=self.events.put_nowait,
+        )
+
+    def log(self, outcome: str, finish: Finished | None = None) -> None:
+        if not self.logged:
+            self.logged = True
+            log_finished(outcome, req=self.req, generated=self.generated, finish=finish)
+
+    def submit(self, metrics: ServerMetrics) -> None:
+        """Queue the request; a refusal is counted, logged and raised as an APIError."""
+        try:
+            self.engine.submit(self.req)
+        except QueueFull as exc:
+            self.logged = True
+            error = queue_full_error(str(exc), self.engine.retry_after_seconds())
+            raise refuse(metrics, error, self.req) from None
+        except EngineDraining:
+            self.logged = True
+            raise refuse(metrics, draining_error(), self.req) from None
+        except EngineNotReady as exc:
+            self.logged = True
+            raise refuse(metrics, not_ready_error(str(exc)), self.req) from None
+
+    async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
+        """Events until Finished or Failed. Leaving early cancels the request."""
+        try:
+            while True:
+                event = await self.events.get()
+                if isinstance(event, TextChunk):
+                    self.generated += event.n_tokens
+                elif isinstance(event, Finished):
+                    self.done = True
+                    self.generated = event.completion_tokens
+                    self.log("ok", event)
+                else:
+                    self.done = True
+                    self.generated = max(self.generated, event.completion_tokens)
+                    self.log(event.outcome)
+                yield event
+                if self.done:
+                    return
+        finally:
+            if not self.done:
+                self.engine.cancel(self.req)
+                self.log("cancelled")
+
+    async def collect(self, receive: Receive) -> tuple[str, Finished]:
+        """The whole text; cancels the request if the client goes away first (``receive`` is
+        the request's ASGI receive, watched for ``http.disconnect``)."""
+
+        async def consume() -> tuple[str, Finished]:
+            parts: list[str] = []
+            async for event in self.stream():
+                if isinstance(event, TextChunk):
+                    parts.append(event.text)
+                elif isinstance(event, Failed):
+                    raise failed_error(event)
+                else:
+                    return "".join(parts), event
+            raise RuntimeError("generation ended without a result")
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.ensure_future(consume())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not work.done():
+            work.cancel()
+            self.engine.cancel(self.req)
+            self.log("cancelled")
+            raise disconnected_error()
+        return work.result()
+
+
+def usage(finish: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finish.prompt_tokens,
+        "completion_tokens": finish.completion_tokens,
+        "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+    }
+
+
+def sse(
+    gen: Generation,
+    chunk: Callable[[str, str | None], dict[str, Any]],
+    rid: str,
+    obj: str,
+    include_usage: bool,
+) -> EventSourceResponse:
+    """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``.
+
+    The chunk that carries ``finish_reason`` also carries ``usage``; with
+    ``stream_options.include_usage`` a last chunk with no choices repeats it, as OpenAI does.
+    A client that goes away closes the event iterator, which cancels the request.
+    """
+
+    async def events() -> AsyncIterator[str]:
+        pending = ""
+        async for event in gen.stream():
+            if isinstance(event, TextChunk):
+                pending += event.text
+                # Only send when there is text: empty deltas would confuse clients.
+                if pending:
+                    yield json.dumps(chunk(pending, None))
+                    pending = ""
+            elif isinstance(event, Finished):
+                last = chunk(pending, event.finish_reason)
+                last["usage"] = usage(event)
+                yield json.dumps(last)
+                if include_usage:
+                    yield json.dumps(
+                        {
+                            "id": rid,
+                            "object": obj,
+                            "created": int(time.time()),
+                            "model": last["model"],
+                            "choices": [],
+                            "usage": usage(event),
+                        }
+                    )
+            else:
+                error = failed_error(event)
+                yield json.dumps(error_body(error.message, type_=error.type, code=error.code))
+        yield "[DONE]"
+
+    return EventSourceResponse(events(), ping=15, sep="\n")

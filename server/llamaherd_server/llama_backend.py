@@ -1,0 +1,267 @@
+"""The llama.cpp binding: model and context, tokens, sampler chains, batches and KV, through
+llama-cpp-python's ctypes API. It knows nothing of requests or scheduling (see
+:mod:`llamaherd_server.engine`); it implements :class:`~llamaherd_server.backend.Backend`."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backend import BatchToken
+from .loadfail import ModelLoadError, check_model_file
+
+if TYPE_CHECKING:
+    from .engine import SamplingParams
+
+# The engine's logger: the load line has always come from there.
+log = logging.getLogger("llamaherd.engine")
+
+
+class _LlamaErrors:
+    """Keeps llama.cpp's error log lines while a call runs (it says *why* a load failed only
+    there), still handing every line to llama-cpp-python's own callback."""
+
+    _ERROR = 4  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.lines: list[tuple[int, str]] = []
+        self._callback: Any = None
+        self._forward: Any = None
+
+    def __enter__(self) -> _LlamaErrors:
+        try:
+            from llama_cpp import _logger
+
+            self._forward = _logger.llama_log_callback
+        except (ImportError, AttributeError):
+            self._forward = None
+        forward = self._forward
+        lines = self.lines
+
+        def capture(level: int, text: bytes, user_data: Any) -> None:
+            if level in (self._ERROR - 1, self._ERROR) and text:
+                lines.append((level, text.decode("utf-8", errors="replace")))
+            if forward is not None:
+                with contextlib.suppress(Exception):  # never raise into C
+                    forward(level, text, user_data)
+
+        try:
+            self._callback = self.lib.llama_log_callback(capture)
+            self.lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+        except (AttributeError, TypeError):
+            self._callback = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._callback is not None:
+            self.lib.llama_log_set(self._forward, ctypes.c_void_p(0))
+
+    def last(self) -> str:
+        """The most telling error line: llama.cpp's "error loading model: <why>" if there is
+        one, else the first error line ("failed to load model" comes last and says nothing)."""
+        lines = [(level, " ".join(text.split())) for level, text in self.lines]
+        marker = "error loading model: "
+        for _, line in lines:
+            if marker in line:
+                return line.split(marker, 1)[1]
+        return next((line for level, line in lines if level == self._ERROR and line), "")
+
+
+class LlamaBackend:
+    """One llama.cpp model and one context with a unified KV cache of ``slots`` sequences of
+    ``context_size`` tokens, and a batch of ``batch_size`` tokens."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        slots: int,
+        context_size: int,
+        batch_size: int,
+        threads: int,
+        gpu_layers: int,
+    ) -> None:
+        self.model_path = model_path
+        self.slots = slots
+        self.context_size = context_size
+        self.batch_size = batch_size
+        self.threads = threads
+        self.gpu_layers = gpu_layers
+        self.n_vocab = 0
+        self.chat_template: str | None = None
+        self.bos_text = ""
+        self.eos_text = ""
+        self.lib: Any = None
+        self.model: Any = None
+        self.ctx: Any = None
+        self.vocab: Any = None
+        self.mem: Any = None
+        self.batch: Any = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def load(self) -> None:
+        import llama_cpp as lib
+
+        # llama-cpp-python prints llama.cpp's own log lines through this logger's level.
+        logging.getLogger("llama-cpp-python").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        )
+        check_model_file(self.model_path, gpu_layers=self.gpu_layers)
+        self.lib = lib
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 999
+        with _LlamaErrors(lib) as errors:
+            model = lib.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            detail = errors.last() or (
+                "corrupt or truncated file, an unknown architecture, or not enough memory"
+            )
+            raise ModelLoadError(f"llama.cpp could not load it: {detail}")
+        self.model = model
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = self.slots * self.context_size
+        cparams.n_batch = self.batch_size
+        cparams.n_ubatch = min(self.batch_size, 512)
+        cparams.n_seq_max = self.slots
+        cparams.kv_unified = True
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.no_perf = True
+        with _LlamaErrors(lib) as errors:
+            ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            detail = errors.last()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {self.slots} x "
+                f"{self.context_size} tokens (out of memory? try fewer slots or a smaller "
+                "context-size)" + (f": {detail}" if detail else "")
+            )
+        self.ctx = ctx
+        self.vocab = lib.llama_model_get_vocab(model)
+        self.mem = lib.llama_get_memory(ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.batch = lib.llama_batch_init(self.batch_size, 0, 1)
+        template = lib.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8") if template else None
+        self.bos_text = self.token_text(lib.llama_vocab_bos(self.vocab))
+        self.eos_text = self.token_text(lib.llama_vocab_eos(self.vocab))
+        log.info(
+            "model loaded: %s, %d slots x %d tokens, token budget %d, %d threads",
+            self.model_path.name,
+            self.slots,
+            self.context_size,
+            self.batch_size,
+            self.threads,
+        )
+
+    def free(self) -> None:
+        lib = self.lib
+        if lib is None:
+            return
+        if self.batch is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.vocab = None
+            self.mem = None
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    # ---- tokens ----------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        lib = self.lib
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (lib.llama_token * n_max)()
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (lib.llama_token * n_max)()
+            n = lib.llama_tokenize(
+                self.vocab, data, len(data), buf, n_max, add_special, parse_special
+            )
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    # ---- sampling --------------------------------------------------------------------
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> Any:
+        lib = self.lib
+        p = params
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if p.has_penalties:
+            lib.llama_sampler_chain_add(
+                chain,
+                lib.llama_sampler_init_penalties(
+                    self.n_vocab,
+                    p.penalty_last_n,
+                    p.repeat_penalty,
+                    p.frequency_penalty,
+                    p.presence_penalty,
+                ),
+            )
+        if p.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if p.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
+        if p.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(p.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def accept(self, sampler: Any, tokens: Sequence[int]) -> None:
+        accept = self.lib.llama_sampler_accept
+        for token in tokens:
+            accept(sampler, token)
+
+    def free_sampler(self, sampler: Any) -> None:
+        self.lib.llama_sampler_free(sampler)
+
+    def sample(self, sampler: Any, index: int) -> int:
+        token: int = self.lib.llama_sampler_sample(sampler, self.ctx, index)
+        return token
+
+    # ---- batches and KV --------------------------------------------------------------
+
+    def decode(self, entries: Sequence[BatchToken]) -> int:
+        batch = self.batch
+        for n, (token, pos, seq_id, logits) in enumerate(entries):
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq_id
+            batch.logits[n] = logits
+        batch.n_tokens = len(entries)
+        rc: int = self.lib.llama_decode(self.ctx, batch)
+        return rc
+
+    def seq_rm(self, seq_id: int) -> None:
+        self.lib.llama_memory_seq_rm(self.mem, seq_id, -1, -1)

@@ -1,0 +1,264 @@
+"""The scheduler (:class:`llamaherd_server.engine.Engine`) against a fake backend: admission by
+priority, continuous batching, the token budget and cancellation, with no model at all.
+
+The same behaviours are checked on the real llama.cpp backend in tests/server/test_engine.py."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llamaherd_server.backend import Backend, BatchToken
+from llamaherd_server.engine import (
+    Engine,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
+from llamaherd_server.metrics import ServerMetrics
+from tests.conftest import wait_for
+
+EOS = 1
+GENERATED = 7  # the one token the fake ever samples: never EOS, so requests run to max_tokens
+
+
+class FakeBackend:
+    """A model that always says "x": it records every batch and every KV and sampler call.
+
+    ``gate`` (set by default) holds each decode while it is clear; ``in_decode`` is set when a
+    decode has started waiting on it. ``step_s`` makes each decode take that long."""
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.n_vocab = 256
+        self.chat_template: str | None = None
+        self.bos_text = ""
+        self.eos_text = ""
+        self.step_s = step_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_decode = threading.Event()
+        self.batches: list[list[BatchToken]] = []
+        self.removed: list[int] = []
+        self.live_samplers: set[int] = set()
+        self.freed = False
+        self._ids = itertools.count()
+
+    def load(self) -> None:
+        pass
+
+    def free(self) -> None:
+        self.freed = True
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return [2 + ord(c) % 250 for c in text]
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        return b"x"
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def make_sampler(self, params: SamplingParams, seed: int) -> Any:
+        sampler = next(self._ids)
+        self.live_samplers.add(sampler)
+        return sampler
+
+    def accept(self, sampler: Any, tokens: Sequence[int]) -> None:
+        pass
+
+    def free_sampler(self, sampler: Any) -> None:
+        self.live_samplers.remove(sampler)
+
+    def decode(self, batch: Sequence[BatchToken]) -> int:
+        self.in_decode.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.batches.append(list(batch))
+        if self.step_s:
+            time.sleep(self.step_s)
+        return 0
+
+    def sample(self, sampler: Any, index: int) -> int:
+        return GENERATED
+
+    def seq_rm(self, seq_id: int) -> None:
+        self.removed.append(seq_id)
+
+
+def _is_a_backend(backend: FakeBackend) -> Backend:
+    return backend  # mypy checks that the fake follows the protocol
+
+
+@dataclass
+class Tracked:
+    req: GenerationRequest
+    events: list[Event] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.n_tokens for e in self.events if isinstance(e, TextChunk))
+
+    @property
+    def result(self) -> Finished | Failed:
+        assert self.done.wait(30), "request did not finish"
+        last = self.events[-1]
+        assert isinstance(last, Finished | Failed)
+        return last
+
+
+class Harness:
+    def __init__(self, engine: Engine, backend: FakeBackend) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.finished: list[str] = []  # names, in the order the requests ended
+        self._lock = threading.Lock()
+
+    def submit(self, name: str, prompt_len: int = 4, priority: int = 0, **params: Any) -> Tracked:
+        holder: list[Tracked] = []
+
+        def emit(event: Event) -> None:
+            tracked = holder[0]
+            tracked.events.append(event)
+            if not isinstance(event, TextChunk):
+                with self._lock:
+                    self.finished.append(name)
+                tracked.done.set()
+
+        req = GenerationRequest(
+            prompt_tokens=[2 + i % 200 for i in range(prompt_len)],
+            params=SamplingParams(**params),
+            emit=emit,
+            priority=priority,
+        )
+        holder.append(Tracked(req))
+        self.engine.submit(req)
+        return holder[0]
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.engine.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Any]:
+    engines: list[Engine] = []
+
+    def make(step_s: float = 0.0, **kwargs: Any) -> Harness:
+        slots = kwargs.setdefault("slots", 2)
+        kwargs.setdefault("max_wait_ms", 0)
+        backend = FakeBackend(step_s)
+        engine = Engine(
+            Path("fake.gguf"), ServerMetrics(slots), backend=_is_a_backend(backend), **kwargs
+        )
+        engine.load()
+        engines.append(engine)
+        return Harness(engine, backend)
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_a_saturated_engine_admits_by_priority_then_arrival(make_engine: Any) -> None:
+    h = make_engine(slots=1)
+    h.backend.gate.clear()
+    blocker = h.submit("blocker", max_tokens=5)
+    assert h.backend.in_decode.wait(10), "the blocker never reached decode"
+    # The only slot is taken and its decode is held: everything below waits in the queue.
+    h.submit("low", priority=0, max_tokens=2)
+    h.submit("high", priority=10, max_tokens=2)
+    h.submit("mid", priority=5, max_tokens=2)
+    h.submit("high-later", priority=10, max_tokens=2)
+    assert h.engine.queue_depth == 4
+    h.backend.gate.set()
+    assert isinstance(blocker.result, Finished)
+    wait_for(lambda: len(h.finished) == 5, message="every request finished")
+    assert h.finished == ["blocker", "high", "high-later", "mid", "low"]
+
+
+def test_a_late_short_request_finishes_while_long_ones_keep_running(make_engine: Any) -> None:
+    h = make_engine(step_s=0.002, slots=3)
+    long_ones = [h.submit(f"long{i}", max_tokens=400) for i in range(2)]
+    wait_for(lambda: all(t.tokens >= 10 for t in long_ones), message="both long ones decoding")
+    short = h.submit("short", max_tokens=3)
+    result = short.result
+    assert isinstance(result, Finished) and result.completion_tokens == 3
+    # It was admitted into the free slot at once, not after the long ones.
+    assert h.finished[0] == "short"
+    assert not any(t.done.is_set() for t in long_ones)
+    assert any({entry[2] for entry in batch} == {0, 1, 2} for batch in h.backend.batches), (
+        "the short request never shared a batch with the long ones"
+    )
+    for tracked in long_ones:
+        h.engine.cancel(tracked.req)
+        assert isinstance(tracked.result, Failed)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_of_the_token_budget(make_engine: Any) -> None:
+    h = make_engine(slots=2, token_budget=16)
+    tracked = h.submit("long-prompt", prompt_len=50, max_tokens=2)
+    result = tracked.result
+    assert isinstance(result, Finished) and result.prompt_tokens == 50
+    assert [len(b) for b in h.backend.batches] == [16, 16, 16, 2, 1]
+    prefill = [entry for batch in h.backend.batches[:4] for entry in batch]
+    assert [pos for _, pos, _, _ in prefill] == list(range(50))
+    # Logits only for the last prompt token: the first generated token comes from it.
+    assert [logits for *_, logits in prefill] == [False] * 49 + [True]
+    assert h.metric("llamaherd_prompt_tokens_total") == 50
+
+
+def test_prefill_chunks_leave_room_for_the_running_sequences(make_engine: Any) -> None:
+    h = make_engine(slots=2, token_budget=16)
+    h.backend.gate.clear()
+    running = h.submit("running", prompt_len=2, max_tokens=10_000)
+    assert h.backend.in_decode.wait(10)
+    long_prompt = h.submit("long-prompt", prompt_len=50, max_tokens=2)
+    h.backend.gate.set()
+    assert isinstance(long_prompt.result, Finished)
+    assert all(len(batch) <= 16 for batch in h.backend.batches)
+    # The step that admits the long prompt: one decode token for "running" (slot 0) and the
+    # rest of the budget for the first chunk of the prompt (slot 1).
+    shared = next(b for b in h.backend.batches if any(entry[2] == 1 for entry in b))
+    assert [entry[2] for entry in shared] == [0] + [1] * 15
+    h.engine.cancel(running.req)
+    assert isinstance(running.result, Failed)
+
+
+def test_cancelling_a_running_request_frees_its_slot_for_the_next(make_engine: Any) -> None:
+    h = make_engine(step_s=0.001, slots=1)
+    running = h.submit("running", max_tokens=10_000)
+    waiting = h.submit("waiting", max_tokens=4)
+    wait_for(lambda: running.tokens >= 5, message="first request generating")
+    assert h.engine.queue_depth == 1
+
+    h.engine.cancel(running.req)
+    result = running.result
+    assert isinstance(result, Failed) and result.outcome == "cancelled"
+    assert 0 in h.backend.removed, "the cancelled sequence's KV was not dropped"
+    # The freed slot went straight to the waiting request, which ran to its end.
+    waited = waiting.result
+    assert isinstance(waited, Finished) and waited.completion_tokens == 4
+    wait_for(lambda: h.engine.active_count == 0)
+    assert h.backend.removed == [0, 0]
+    assert h.backend.live_samplers == set()
+    assert h.metric("llamaherd_requests_total", {"outcome": "cancelled"}) == 1
+    assert h.metric("llamaherd_requests_total", {"outcome": "ok"}) == 1
+    assert h.metric("llamaherd_requests_running") == 0
+    assert h.metric("llamaherd_kv_cache_usage_ratio") == 0.0
+
+
+def test_close_frees_the_backend(make_engine: Any) -> None:
+    h = make_engine()
+    assert isinstance(h.submit("one", max_tokens=2).result, Finished)
+    h.engine.close()
+    assert h.backend.freed
