@@ -165,6 +165,9 @@ class OperatorState:
     problems: dict[Key, list[Problem]] = field(default_factory=dict)
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     reconcile_locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    # Reconciles in flight at once, from kopf's handlers and the work queue together (the
+    # settings' worker_limit); kopf's own workers are not limited, see configure_kopf.
+    reconcile_slots: asyncio.Semaphore | None = None
     waiting: set[Key] = field(default_factory=set)
     service_monitors: bool | None = None
     service_monitors_checked: float = 0.0
@@ -257,7 +260,9 @@ async def reconcile(
     """Drive the owned objects toward the spec, then write the status. Idempotent."""
     key = _key(body)
     lock = state.reconcile_locks.setdefault(key, asyncio.Lock())
-    async with lock:
+    if state.reconcile_slots is None:
+        state.reconcile_slots = asyncio.Semaphore(state.settings.worker_limit)
+    async with state.reconcile_slots, lock:
         await _reconcile(body, state, logger, reason, retry)
 
 
@@ -559,4 +564,8 @@ def configure_kopf(settings: kopf.OperatorSettings, operator: OperatorSettings) 
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = operator.request_timeout_seconds
     settings.networking.connect_timeout = 10
-    settings.batching.worker_limit = operator.worker_limit
+    # No limit on kopf's workers: with an index, every worker waits until all objects of every
+    # watched kind are indexed, and those still waiting for a free worker never are (a deadlock
+    # once there are more objects than workers, seen with 50 InferenceServices in a backlog).
+    # The reconciles themselves are bounded by OperatorState.reconcile_slots.
+    settings.batching.worker_limit = None
