@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tests.harness import wait_until
+
 T = TypeVar("T")
 Obj = dict[str, Any]
 
@@ -52,32 +54,22 @@ def wait_for(
 ) -> T:
     """Poll ``predicate`` until it returns something truthy and return that.
 
-    An exception from ``predicate`` counts as "not yet". On timeout, :class:`WaitTimeout` names
-    what was awaited, the last value or exception, and ``state()`` when given.
+    :func:`tests.harness.wait_until` with e2e's defaults: an exception from ``predicate`` counts
+    as "not yet"; on timeout, :class:`WaitTimeout` names what was awaited, the last value or
+    exception, and ``state()`` when given, each shortened for the report.
     """
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = predicate()
-        except Exception as exc:  # any failure means "not yet"
-            last = exc
-        else:
-            if value:
-                return value
-            last = value
-        if time.monotonic() >= deadline:
-            seen = ""
-            if state is not None:
-                try:
-                    seen = f"\nstate: {_short(state())}"
-                except Exception as exc:  # the description must not hide the timeout
-                    seen = f"\nstate unknown ({exc!r})"
-            raise WaitTimeout(
-                f"timed out after {timeout:.0f}s waiting for {description}; "
-                f"last: {_short(last)}{seen}"
-            )
-        time.sleep(interval)
+    describe = None if state is None else (lambda: _short(state()))
+    try:
+        return wait_until(
+            predicate,
+            timeout=timeout,
+            interval=interval,
+            what=description,
+            describe=describe,
+            show=_short,
+        )
+    except TimeoutError as exc:
+        raise WaitTimeout(str(exc)) from None
 
 
 def hold_for(

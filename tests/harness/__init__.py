@@ -111,11 +111,12 @@ def wait_until(
     interval: float = 0.2,
     what: str = "condition",
     describe: Callable[[], str] | None = None,
+    show: Callable[[object], str] = repr,
 ) -> T:
     """Poll ``probe`` until it returns something truthy and return it.
 
-    Exceptions from ``probe`` count as "not yet"; the last one (or the last value) is named in
-    the :class:`TimeoutError`.
+    Exceptions from ``probe`` count as "not yet"; the last one (or the last value), as ``show``
+    writes it, is named in the :class:`TimeoutError`.
     """
     deadline = time.monotonic() + timeout
     last: object = None
@@ -136,6 +137,6 @@ def wait_until(
                 except Exception as exc:  # the description must not hide the timeout
                     state = f"; state unknown ({exc!r})"
             raise TimeoutError(
-                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}{state}"
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {show(last)}{state}"
             )
         time.sleep(interval)
