@@ -69,6 +69,7 @@ def create_app(
             aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,
             stall_seconds=settings.engine_stall_seconds,
+            prefix_cache=settings.prefix_cache,
             dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine

@@ -102,6 +102,7 @@ class Finished:
     queue_wait_s: float
     latency_s: float
     time_to_first_token_s: float | None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -812,6 +813,7 @@ class Engine:
                 queue_wait_s=(req.admitted_at or now) - req.arrival,
                 latency_s=latency,
                 time_to_first_token_s=seq.ttft,
+                cached_tokens=seq.cached,
             ),
         )
 

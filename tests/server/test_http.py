@@ -358,3 +358,24 @@ async def test_tokenizing_and_templating_run_off_the_event_loop(
         "tokenize",
     ]
     assert all(ident != loop_thread for _, ident in seen), seen
+
+
+async def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(make_client: Any) -> None:
+    client = await make_client()
+    body = {
+        "prompt": "the same long prompt, sent twice by a client that retries",
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    first = (await client.post("/v1/completions", json=body)).json()
+    second = (await client.post("/v1/completions", json=body)).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    prompt_tokens = second["usage"]["prompt_tokens"]
+    # All but the last prompt token, whose logits start generation.
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+    off = await make_client(prefix_cache=False)
+    for _ in range(2):
+        reply = (await off.post("/v1/completions", json=body)).json()
+        assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
