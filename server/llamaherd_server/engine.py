@@ -252,6 +252,8 @@ class Engine:
         self.bos_text = ""
         self.eos_text = ""
         self.n_vocab = 0
+        # The longest text one token stands for, in bytes (specials included).
+        self.max_token_bytes = 1
         self._wake = threading.Condition()
         self._stop = False
         self._abort: str | None = None
@@ -315,6 +317,14 @@ class Engine:
             self.prefix_cache = False
             self.kv.keep = False
         self.n_vocab = backend.n_vocab
+        self.max_token_bytes = max(
+            (
+                len(backend.token_bytes(t, special=special))
+                for t in range(self.n_vocab)
+                for special in (False, True)
+            ),
+            default=1,
+        )
         self.chat_template = backend.chat_template
         self.bos_text = backend.bos_text
         self.eos_text = backend.eos_text
