@@ -639,6 +639,9 @@ class Engine:
                     self._attach(seq, match)
                 else:
                     seq.wait = match
+            # A wait counts as a hit: the prefix will be attached, not prefilled.
+            expected = match.length if match is not None else 0
+            self.kv.admitted(len(req.prompt_tokens), expected)
         self.metrics.requests_running.set(len(self._running))
 
     def _attach(self, seq: _Sequence, match: Match) -> None:

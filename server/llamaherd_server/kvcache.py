@@ -22,6 +22,12 @@ shares cells of the source's origins. So each sequence is a list of spans ``[ori
 end)``, spans of one origin all start at the same position, and the cells in use are, per
 origin, the furthest end minus that start.
 
+Cached cells are not free: llama.cpp's attention scans every cell up to the highest one in use
+for each query of each step, masked or not. So the cache holds only as many cells as it earns:
+its budget is the capacity times the recent share of prompt tokens it served (an exponential
+average over admissions). Traffic that repeats itself keeps a full cache; traffic that never
+does keeps a few prompts and pays next to nothing for them.
+
 All of it runs on the scheduler thread only.
 """
 
@@ -36,6 +42,8 @@ from typing import Protocol
 # tokens with a new prompt than anything already in the cache: below that, prefilling them
 # costs less than the step or two of waiting.
 MIN_WAIT_GAIN = 32
+# Weight of one admission in the average hit share that sets the cache's budget (~ the last 20).
+HIT_SMOOTHING = 0.05
 
 
 class KvBackend(Protocol):
@@ -133,6 +141,9 @@ class KvPool:
         self.entries: dict[int, KvEntry] = {}
         self._origins = itertools.count(1)
         self._clock = itertools.count(1)
+        # Recent share of admitted prompt tokens served from the cache; optimistic at first,
+        # so that a new server fills its cache before it judges it.
+        self.hit_share = 1.0
 
     # ---- ids ---------------------------------------------------------------------------
 
@@ -161,6 +172,28 @@ class KvPool:
         for other in list(self.entries.values()):
             if other is not entry and not other.running and self._covers(entry, other):
                 self._drop(other)
+        self.trim()
+
+    def admitted(self, prompt_tokens: int, cached: int) -> None:
+        """A request was admitted with ``cached`` of its prompt tokens from the cache."""
+        if prompt_tokens > 0:
+            share = cached / prompt_tokens
+            self.hit_share += HIT_SMOOTHING * (share - self.hit_share)
+
+    def budget(self) -> int:
+        """Cells that cached entries (beyond what running sequences hold) may keep."""
+        return int(self.capacity * self.hit_share)
+
+    def trim(self) -> int:
+        """Evict cached entries, least recently used first, while they hold more cells than the
+        budget; returns how many went."""
+        evicted = 0
+        budget = self.budget()
+        while self.cells() - self.cells(running_only=True) > budget:
+            if not self._evict_lru(freeing=True):
+                break
+            evicted += 1
+        return evicted
 
     def _adds_something(self, entry: KvEntry) -> bool:
         return not any(

@@ -127,3 +127,25 @@ def test_least_recently_used_is_evicted_first_and_duplicates_are_not_kept() -> N
     assert a is not None and b is not None
     assert not entries[1].alive and dup.alive
     assert len(pool.entries) == 3
+
+
+def test_a_cache_that_serves_nothing_shrinks_to_what_it_earns() -> None:
+    kv = SimulatedKv()
+    pool = KvPool(kv, ids=40, capacity=1000, keep=True)
+    for k in range(30):
+        e = pool.acquire()
+        assert e is not None
+        prompt = [1000 + k] * 30  # nothing shared with any other
+        pool.admitted(len(prompt), 0)
+        kv.decode(e.seq_id, 0, len(prompt))
+        e.commit(prompt)
+        pool.release(e)
+    # Thirty misses: the budget fell from the whole capacity to a few prompts' worth.
+    assert pool.hit_share < 0.25
+    assert pool.cells() <= pool.budget()
+    assert 0 < len(pool.entries) < 30
+    assert len(kv.cells) == pool.cells()
+    # Hits raise it again.
+    for _ in range(60):
+        pool.admitted(100, 99)
+    assert pool.budget() > 900
