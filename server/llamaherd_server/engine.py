@@ -271,8 +271,10 @@ class Engine:
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
         self._thread_ident: int | None = None
         self.prefix_cache = prefix_cache
-        # Sequence ids: one per running request, and as many again for cached prefixes.
-        self.sequences = min(256, 2 * slots) if prefix_cache else slots
+        # Sequence ids: one per running request, and twice as many for cached prefixes (more
+        # distinct prefixes than slots is what a cache shared by all slots is for; the cells
+        # they may hold are budgeted separately, see kvcache).
+        self.sequences = min(256, 3 * slots) if prefix_cache else slots
         # The model runtime; only the scheduler thread decodes (tokenize: any thread).
         self.backend: Backend = backend or LlamaBackend(
             model_path,
