@@ -146,7 +146,7 @@ def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(
 
 
 def test_eviction_under_pressure_never_fails_a_request(make_engine, tiny_model: Path) -> None:
-    """A KV cache of 2 x 256 cells and 4 sequence ids: distinct prompts of ~150 tokens and 60
+    """A KV cache of 2 x 256 cells and 6 sequence ids: distinct prompts of ~150 tokens and 60
     generated tokens fill it; cached prefixes must make way, and every request finishes."""
     h = make_engine(tiny_model, slots=2, max_wait_ms=0, context_size=256)
     engine = h.engine
