@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 
+import httpx
 import uvicorn
 from pydantic import ValidationError
 
@@ -21,9 +22,11 @@ from llamaherd_server.logs import configure_logging
 log = logging.getLogger("llamaherd_gateway")
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings, http: httpx.AsyncClient | None = None) -> None:
     log_config = configure_logging(settings.log_format, settings.log_level)
-    async with running_gateway(settings) as gateway:
+    for noisy in ("httpx", "httpx2"):  # a line per request to a replica or the API: too many
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    async with running_gateway(settings, http) as gateway:
         config = uvicorn.Config(
             gateway,
             host=settings.host,

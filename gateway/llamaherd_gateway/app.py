@@ -26,8 +26,11 @@ def upstream_client(settings: GatewaySettings) -> httpx.AsyncClient:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
-    """The gateway with its watch on the cluster running; everything closed on exit."""
+async def running_gateway(
+    settings: GatewaySettings, http: httpx.AsyncClient | None = None
+) -> AsyncIterator[Gateway]:
+    """The gateway with its watch on the cluster running; everything closed on exit.
+    ``http``: the client to the replicas (default :func:`upstream_client`)."""
     registry = Registry()
     kube = connect(settings.request_timeout_seconds)
     watcher = Watcher(
@@ -38,7 +41,7 @@ async def running_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
         resync_s=settings.resync_interval_seconds,
     )
     metrics = GatewayMetrics()
-    http = upstream_client(settings)
+    http = http or upstream_client(settings)
 
     async def scale_up(namespace: str, name: str) -> bool:
         return await raise_from_zero(kube, namespace, name)

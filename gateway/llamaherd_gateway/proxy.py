@@ -339,8 +339,14 @@ class Gateway:
                 try:
                     async for chunk in response.aiter_raw():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except httpx.TransportError:  # started: never retried; the client sees it end
+                except httpx.TransportError as exc:
+                    # Started: never retried. The response is left unfinished, so the client's
+                    # connection closes without the end of the body and it sees the break.
                     o.outcome = "upstream_broken"
+                    log.warning(
+                        "replica %s:%s broke mid-response: %r", endpoint.address, endpoint.port, exc
+                    )
+                    return True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return True
             finally:
