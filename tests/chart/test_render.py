@@ -568,6 +568,8 @@ def test_alerts_cover_the_issue(render: Callable[..., Objects]) -> None:
         "LlamaherdServerRestarting",
         "LlamaherdMetricsAbsent",
         "LlamaherdOperatorMetricsAbsent",
+        "LlamaherdGatewayHoldsFail",
+        "LlamaherdGatewayUpstreamUnavailable",
     } <= set(alerts)
     assert alerts["LlamaherdQueueDepthHigh"]["labels"]["team"] == "inference"
     assert "absent(" in alerts["LlamaherdOperatorMetricsAbsent"]["expr"]
