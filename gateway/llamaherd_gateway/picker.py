@@ -4,8 +4,9 @@
 (sent and not yet finished). For a request with a prompt:
 
 1. The affinity key is the start of the prompt: the first ``prefix_chars`` characters of
-   ``prompt`` (completions, generate), or of the system prompt followed by the first user
-   message (chat). Requests that share a prefix share a key.
+   ``prompt`` (completions, generate; a prompt of token ids counts as its ids written out with
+   spaces), or of the system prompt followed by the first user message (chat). Requests that
+   share a prefix share a key.
 2. The replicas are ordered by rendezvous (highest-random-weight) hashing of (key, replica): a
    consistent hash, so adding or removing a replica moves only the keys that land on it.
 3. The first replica in that order (the affinity replica) gets the request when its load,
@@ -57,9 +58,12 @@ def affinity_key(path: str, body: Mapping[str, Any], prefix_chars: int) -> str:
         text = f"{system}\x00{user}" if system or user else ""
     else:
         prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt else ""
-        text = _text(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            text = " ".join(map(str, prompt[:prefix_chars]))  # token ids, written out
+        else:
+            if isinstance(prompt, list):
+                prompt = prompt[0] if prompt else ""
+            text = _text(prompt)
     return text[:prefix_chars]
 
 

@@ -32,6 +32,8 @@ def test_affinity_key_of_completions_and_chat() -> None:
     assert picker.affinity_key("/v1/completions", body, 0) == ""
     assert picker.affinity_key("/v1/completions", {"prompt": ["a", "b"]}, 10) == "a"
     assert picker.affinity_key("/v1/generate", {}, 10) == ""
+    tokens = {"prompt": [300, 301, 302, 303]}
+    assert picker.affinity_key("/v1/completions", tokens, 7) == "300 301"
 
 
 def test_rendezvous_is_consistent_when_a_replica_goes() -> None:
