@@ -46,10 +46,10 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"host",
-        b"content-length",
     }
 )
+# Not passed on to a replica: httpx sets both for the body it sends (which may be rewritten).
+NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
 # Before the first response byte: the request never reached a server that could answer it.
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 SCALE_RETRY_S = 2.0
@@ -129,6 +129,7 @@ class Gateway:
         elif method == "GET" and path == "/v1/models":
             await _send_json(send, 200, self.model_list())
         elif method == "GET" and path == "/metrics":
+            self._count_endpoints()
             await _send(send, 200, self.metrics.render(), b"text/plain; version=0.0.4")
         elif method == "GET" and path == "/healthz":
             await _send_json(send, 200, {"status": "ok"})
@@ -138,6 +139,12 @@ class Gateway:
         else:
             err = GatewayError(404, f"no route {method} {path}", "not_found", code="not_found")
             await _send(send, 404, err.body())
+
+    def _count_endpoints(self) -> None:
+        """The ready-endpoints gauge, from the registry as it is now."""
+        self.metrics.endpoints.clear()
+        for key in self.registry.services:
+            self.metrics.endpoints.labels(*key).set(len(self.registry.endpoints(key)))
 
     # ---- /v1/models ----
     def model_list(self) -> dict[str, Any]:
@@ -257,7 +264,7 @@ class Gateway:
         payload = raw
         if model not in (service.name,):  # the server answers only to its own name
             payload = json.dumps({**body, "model": service.name}).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in NOT_FORWARDED]
         tried: set[Endpoint] = set()
         for attempt in range(self.settings.retries + 1):
             candidates = [ep for ep in endpoints if ep not in tried]

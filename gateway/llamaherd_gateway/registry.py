@@ -101,9 +101,13 @@ class Registry:
     slices: dict[Key, tuple[str, list[Endpoint]]] = field(default_factory=dict)
     version: int = 0
     _changed: asyncio.Event | None = None
+    # what the reads computed at the current version (the proxy reads on every request)
+    _models: dict[str, list[ServiceInfo]] | None = None
+    _endpoints: dict[Key, list[Endpoint]] | None = None
 
     def _bump(self) -> None:
         self.version += 1
+        self._models = self._endpoints = None
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -160,20 +164,22 @@ class Registry:
     # ---- reads (from the proxy) ----
     def models(self) -> dict[str, list[ServiceInfo]]:
         """Every model name and the services that serve it (zero replicas included)."""
-        table: dict[str, list[ServiceInfo]] = {}
-        for info in sorted(self.services.values(), key=lambda i: i.key):
-            for served in info.served_names:
-                table.setdefault(served, []).append(info)
-        return table
+        if self._models is None:
+            table: dict[str, list[ServiceInfo]] = {}
+            for info in sorted(self.services.values(), key=lambda i: i.key):
+                for served in info.served_names:
+                    table.setdefault(served, []).append(info)
+            self._models = table
+        return self._models
 
     def backends(self, model: str) -> list[ServiceInfo]:
         return self.models().get(model, [])
 
     def endpoints(self, key: Key) -> list[Endpoint]:
         """The ready endpoints of one InferenceService, over all its slices, without repeats."""
-        namespace, name = key
-        found: set[Endpoint] = set()
-        for (ns, _), (service, eps) in self.slices.items():
-            if ns == namespace and service == name:
-                found.update(eps)
-        return sorted(found)
+        if self._endpoints is None:
+            found: dict[Key, set[Endpoint]] = {}
+            for (ns, _), (service, eps) in self.slices.items():
+                found.setdefault((ns, service), set()).update(eps)
+            self._endpoints = {k: sorted(v) for k, v in found.items()}
+        return self._endpoints.get(key, [])

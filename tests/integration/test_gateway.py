@@ -302,6 +302,9 @@ def test_routes_by_model_streams_lists_models_and_404s(
     assert metric(text, "llamaherd_gateway_requests_total", model="beta", outcome="ok") == 3
     assert metric(text, "llamaherd_gateway_requests_total", outcome="not_found") == 1
     assert metric(text, "llamaherd_gateway_requests_total", outcome="upstream_4xx") == 2
+    ready = "llamaherd_gateway_ready_endpoints"
+    assert metric(text, ready, target_namespace=namespace, inferenceservice="alpha") == 1
+    assert metric(text, ready, target_namespace=namespace, inferenceservice="idle") == 0
     # a service's removal takes effect at once
     cp.kubectl("delete", "lhis", "beta", "-n", namespace, check=True)
     wait_until(lambda: "beta" not in model_view(gw), timeout=30, what="beta gone")
