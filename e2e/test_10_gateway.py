@@ -3,9 +3,11 @@ pod in the cluster, and goes back to zero when idle."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -55,6 +57,39 @@ def gateway_metric(kube: Kube, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def _time(stamp: str | None) -> float:
+    assert stamp, "a timestamp is missing"
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def cold_start_phases(load_pod: dict[str, Any], server_pod: dict[str, Any]) -> dict[str, float]:
+    """First request to its answer at zero replicas, split at the pod's own timestamps:
+    scale-up (the request until the pod object exists: the gateway's write, the reconcile, the
+    ReplicaSet), pod start (scheduling, the model download in the init container, the server
+    container starting), model load (until the pod is Ready) and the rest (the endpoint
+    reaching the gateway, the forward and the generation)."""
+    (load,) = load_pod["status"]["containerStatuses"]
+    request = _time(load["state"]["terminated"]["startedAt"])
+    answer = _time(load["state"]["terminated"]["finishedAt"])
+    server = next(c for c in server_pod["status"]["containerStatuses"] if c["name"] == "server")
+    created = _time(server_pod["metadata"]["creationTimestamp"])
+    started = _time(server["state"]["running"]["startedAt"])
+    ready = _time(
+        next(
+            c["lastTransitionTime"]
+            for c in server_pod["status"]["conditions"]
+            if c["type"] == "Ready"
+        )
+    )
+    return {
+        "scale_up": created - request,
+        "pod_start": started - created,
+        "model_load": ready - started,
+        "forward_and_generation": answer - ready,
+        "total": answer - request,
+    }
 
 
 @pytest.mark.timeout(900)
@@ -120,6 +155,10 @@ def test_a_model_at_zero_answers_through_the_gateway_and_returns_to_zero(
     assert once["usage"]["completion_tokens"] == 16, once
     record_property("scale_from_zero_first_answer_seconds", round(first_answer_s, 1))
     print(f"\n[e2e] first request at zero replicas -> answer: {first_answer_s:.1f}s")
+    phases = cold_start_phases(client.pod() or {}, ready_pods(kube, name, namespace)[0])
+    for phase, seconds in phases.items():
+        record_property(f"scale_from_zero_{phase}_seconds", seconds)
+    print(f"[e2e] where the time went (cluster timestamps, 1 s resolution): {phases}")
     assert (
         gateway_metric(
             kube,
