@@ -3,7 +3,10 @@
 1. **Overhead**: one llamaherd server, streamed ``/v1/completions`` at 1-16 concurrent streams,
    straight to the server and through the gateway, the two interleaved point by point. The
    issue's bar: throughput at least 0.97x, TTFT p50 at most +2 ms.
-2. **Routing**: two servers, a shared-prefix workload (``--system-prompts`` distinct system
+2. **CPU per streamed chunk**: a stand-in replica that streams SSE chunks 2 ms apart (each one
+   its own read, as tokens are), the gateway in front, and the gateway process's CPU seconds
+   (from /proc) per chunk: the cost that a small node takes from llama.cpp. No model needed.
+3. **Routing**: two servers, a shared-prefix workload (``--system-prompts`` distinct system
    prompts of ``--prefix-tokens`` tokens, each request one of them plus its own tail,
    interleaved), sent three ways: at random to either server (what a Service does), through the
    gateway with least-loaded picking only (affinity off), and through the gateway with prefix
@@ -16,6 +19,7 @@ command line instead of a cluster watch, which is not on the request path.
     python bench/gateway_bench.py --quick            # a minute: tiny model, 2 points
     python bench/gateway_bench.py                    # bench model, 1-16 streams
     python bench/gateway_bench.py --part overhead --concurrency 1,4,16 --requests 64
+    python bench/gateway_bench.py --part cpu         # seconds, no model
 
 Results: ``bench/results/gateway[-quick].json`` and a table on stdout.
 """
@@ -146,9 +150,9 @@ def serve(args: argparse.Namespace) -> None:
     """The real gateway app, its registry filled from the command line."""
     import uvicorn
 
-    from llamaherd_gateway.app import upstream_client
+    from llamaherd_gateway.app import run
     from llamaherd_gateway.metrics import GatewayMetrics
-    from llamaherd_gateway.proxy import Gateway
+    from llamaherd_gateway.proxy import Gateway, upstream_session
     from llamaherd_gateway.registry import Registry
     from llamaherd_gateway.settings import GatewaySettings
 
@@ -170,7 +174,7 @@ def serve(args: argparse.Namespace) -> None:
         )
 
     async def main() -> None:
-        http = upstream_client(settings)
+        http = upstream_session(settings)
         gateway = Gateway(settings, registry, GatewayMetrics(), http)
         config = uvicorn.Config(
             gateway,
@@ -181,9 +185,9 @@ def serve(args: argparse.Namespace) -> None:
             lifespan="off",
         )
         await uvicorn.Server(config).serve()
-        await http.aclose()
+        await http.close()
 
-    asyncio.run(main())
+    run(main(), settings.event_loop)
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -364,6 +368,92 @@ async def run_routing(args: argparse.Namespace, model: Path, logdir: Path) -> di
     return rows
 
 
+# ---- CPU per chunk -------------------------------------------------------------------------------
+
+SSE_CHUNK = (
+    b'data: {"id":"cmpl-1","object":"text_completion","model":"m",'
+    b'"choices":[{"index":0,"text":" tok","finish_reason":null}]}\n\n'
+)
+
+
+def stand_in_replica(args: argparse.Namespace) -> None:
+    """A replica stand-in: every POST streams ``--chunks`` SSE chunks ``--gap-ms`` apart."""
+    import uvicorn
+
+    gap = args.gap_ms / 1000
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(args.chunks):
+            await send({"type": "http.response.body", "body": SSE_CHUNK, "more_body": True})
+            await asyncio.sleep(gap)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drain(url: str, n: int, concurrency: int) -> None:
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+
+        async def one() -> None:
+            async with gate:
+                body = {"model": "m", "prompt": "x"}
+                async with client.stream("POST", url, json=body) as response:
+                    async for _ in response.aiter_raw():
+                        pass
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+
+def run_cpu(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "replica", "--port", str(port)]
+    cmd += ["--chunks", str(args.chunks), "--gap-ms", str(args.gap_ms)]
+    replica = start(cmd, port, logdir / f"replica-{port}.log", "/")
+    gateway = start_gateway("m", [replica.url], logdir)
+    try:
+        url = gateway.url + "/v1/completions"
+        asyncio.run(drain(url, 4, 2))  # warm
+        before = cpu_seconds(gateway.proc.pid)
+        started = time.perf_counter()
+        asyncio.run(drain(url, args.cpu_requests, 4))
+        wall = time.perf_counter() - started
+        used = cpu_seconds(gateway.proc.pid) - before
+    finally:
+        gateway.stop()
+        replica.stop()
+    chunks = args.cpu_requests * args.chunks
+    import importlib.util
+
+    result = {
+        "requests": args.cpu_requests,
+        "chunks": chunks,
+        "gateway_cpu_s": used,
+        "us_per_chunk": 1e6 * used / chunks,
+        "ms_per_request": 1e3 * used / args.cpu_requests,
+        "wall_s": wall,
+        "uvloop": importlib.util.find_spec("uvloop") is not None,
+        "httptools": importlib.util.find_spec("httptools") is not None,
+    }
+    log(
+        f"cpu: {result['us_per_chunk']:.0f} us of gateway CPU per chunk, "
+        f"{result['ms_per_request']:.1f} ms per request of {args.chunks} chunks "
+        f"(uvloop {result['uvloop']}, httptools {result['httptools']})"
+    )
+    return result
+
+
 def table(result: dict[str, Any]) -> str:
     lines = []
     if "overhead" in result:
@@ -379,6 +469,14 @@ def table(result: dict[str, Any]) -> str:
                 f"{row['throughput_ratio']:.3f} | {_ms(d['ttft_p50_ms'])} | "
                 f"{_ms(g['ttft_p50_ms'])} | {_ms(row['ttft_p50_delta_ms'], signed=True)} |"
             )
+    if "cpu" in result:
+        cpu = result["cpu"]
+        lines += [
+            "",
+            f"gateway CPU: {cpu['us_per_chunk']:.0f} us per streamed chunk, "
+            f"{cpu['ms_per_request']:.1f} ms per request of {cpu['chunks'] // cpu['requests']} "
+            f"chunks (uvloop {cpu['uvloop']}, httptools {cpu['httptools']})",
+        ]
     if "routing" in result:
         lines += ["", "| routing | tok/s | TTFT p50 | TTFT p95 | errors |", "|---|---|---|---|---|"]
         for label, row in result["routing"].items():
@@ -416,8 +514,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--model", required=True)
     s.add_argument("--upstreams", required=True, help="comma-separated http://host:port")
     s.add_argument("--settings", default="{}", help="GatewaySettings fields as JSON")
+    r = sub.add_parser("replica", help="(internal) a stand-in replica that streams SSE chunks")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--chunks", type=int, default=200)
+    r.add_argument("--gap-ms", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="tiny model, few requests, 2 points")
-    p.add_argument("--part", choices=["overhead", "routing", "both"], default="both")
+    p.add_argument("--part", choices=["overhead", "cpu", "routing", "both", "all"], default="both")
+    p.add_argument("--chunks", type=int, default=200, help="SSE chunks per request (cpu part)")
+    p.add_argument("--gap-ms", type=float, default=2.0, help="time between chunks (cpu part)")
+    p.add_argument("--cpu-requests", type=int, default=80, help="requests of the cpu part")
     p.add_argument("--model", type=Path, help="GGUF model (default: a generated one)")
     p.add_argument("--preset", default="bench", help="ggufgen preset when --model is not given")
     p.add_argument("--vocab", type=int, help="vocabulary size of --model (default: the preset's)")
@@ -434,13 +539,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--routing-concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, help="result JSON (default bench/results/gateway.json)")
     args = p.parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "replica"):
         args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
         if args.quick:
             args.preset = "tiny" if args.model is None else args.preset
             args.concurrency = [1, 4]
             args.requests, args.repeats, args.max_tokens = 8, 1, 16
             args.prefix_tokens, args.routing_requests, args.routing_concurrency = 64, 16, 4
+            args.cpu_requests = 20
         if any(c < 1 for c in args.concurrency):
             p.error(f"--concurrency needs positive integers, got {args.concurrency}")
     return args
@@ -451,13 +557,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args)
         return
-    model = args.model or ensure_model(args.preset)
-    if args.vocab is None:
-        from llamaherd_server import ggufgen
+    if args.command == "replica":
+        stand_in_replica(args)
+        return
+    model = Path("-")
+    if args.part != "cpu":  # the cpu part streams from a stand-in: no model
+        model = args.model or ensure_model(args.preset)
+        if args.vocab is None:
+            from llamaherd_server import ggufgen
 
-        args.vocab = 32000 if args.model else ggufgen.PRESETS[args.preset].vocab
-    if not model.exists():
-        raise SystemExit(f"--model {model}: no such file")
+            args.vocab = 32000 if args.model else ggufgen.PRESETS[args.preset].vocab
+        if not model.exists():
+            raise SystemExit(f"--model {model}: no such file")
     out = args.out or HERE / "results" / ("gateway-quick.json" if args.quick else "gateway.json")
     logdir = out.parent / "gateway-logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -466,9 +577,11 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "args": {k: v for k, v in vars(args).items() if k not in ("model", "out", "command")},
     }
-    if args.part in ("overhead", "both"):
+    if args.part in ("overhead", "both", "all"):
         result["overhead"] = asyncio.run(run_overhead(args, model, logdir))
-    if args.part in ("routing", "both"):
+    if args.part in ("cpu", "all"):
+        result["cpu"] = run_cpu(args, logdir)
+    if args.part in ("routing", "both", "all"):
         result["routing"] = asyncio.run(run_routing(args, model, logdir))
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(table(result))

@@ -7,26 +7,25 @@ reached through $KUBECONFIG, ~/.kube/config or the in-cluster service account.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
-import httpx
 import uvicorn
 from pydantic import ValidationError
 
-from llamaherd_gateway.app import running_gateway
+from llamaherd_gateway.app import run, running_gateway
+from llamaherd_gateway.proxy import UrlFor
 from llamaherd_gateway.settings import GatewaySettings
 from llamaherd_server.logs import configure_logging
 
 log = logging.getLogger("llamaherd_gateway")
 
 
-async def serve(settings: GatewaySettings, http: httpx.AsyncClient | None = None) -> None:
+async def serve(settings: GatewaySettings, url_for: UrlFor | None = None) -> None:
     log_config = configure_logging(settings.log_format, settings.log_level)
-    for noisy in ("httpx", "httpx2"):  # a line per request to a replica or the API: too many
+    for noisy in ("httpx", "httpx2"):  # lightkube's: a line per API request is too many
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    async with running_gateway(settings, http) as gateway:
+    async with running_gateway(settings, url_for) as gateway:
         config = uvicorn.Config(
             gateway,
             host=settings.host,
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"llamaherd-gateway: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings))
+    run(serve(settings), settings.event_loop)
     return 0
 
 

@@ -26,6 +26,12 @@ class GatewaySettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level."
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description="Event loop: uvloop when installed (auto), or asyncio's own. uvloop, and "
+        "httptools for HTTP parsing (used by uvicorn when installed), cut the CPU per "
+        "streamed token.",
+    )
     # ---- holding requests for a service with no ready replica ----
     hold_timeout_seconds: float = Field(
         default=300.0,

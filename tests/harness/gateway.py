@@ -5,15 +5,14 @@ The API server refuses EndpointSlice addresses in 127.0.0.0/8, so the tests writ
 as a kubelet and the EndpointSlice controller would, with pod-like addresses from 198.18.0.0/15
 and each server process's real port; this wrapper runs the real gateway (``serve`` from
 ``llamaherd_gateway.__main__``, every setting from ``LLAMAHERD_GATEWAY_*``) with one change:
-its connections to 198.18.0.0/15 go to 127.0.0.1 on the same port. That is the whole stand-in;
-the registry, the watch, the pick and the proxy are the production code.
+its connections to 198.18.0.0/15 go to 127.0.0.1 on the same port (``url_for``). That is the
+whole stand-in; the registry, the watch, the pick and the proxy are the production code.
 
 ``python -m tests.harness.gateway``
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import subprocess
@@ -23,37 +22,27 @@ from pathlib import Path
 
 import httpx
 
+from llamaherd_gateway.registry import Endpoint
 from tests.harness import REPO_ROOT, free_port, wait_until
 
 POD_NETWORK = ipaddress.ip_network("198.18.0.0/15")
 
 
-class LoopbackPodNetwork(httpx.AsyncHTTPTransport):
-    """Connections to a 'pod' address in 198.18.0.0/15 go to 127.0.0.1, same port."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
-            pod = ipaddress.ip_address(request.url.host) in POD_NETWORK
-        except ValueError:
-            pod = False
-        if pod:
-            request.url = request.url.copy_with(host="127.0.0.1")
-        return await super().handle_async_request(request)
+def loopback_url(endpoint: Endpoint) -> str:
+    """The URL the gateway dials for an endpoint: a 'pod' address in 198.18.0.0/15 becomes
+    127.0.0.1, same port."""
+    if ipaddress.ip_address(endpoint.address) in POD_NETWORK:
+        return f"http://127.0.0.1:{endpoint.port}"
+    return endpoint.url
 
 
 def main() -> None:
     from llamaherd_gateway.__main__ import serve
+    from llamaherd_gateway.app import run
     from llamaherd_gateway.settings import GatewaySettings
 
     settings = GatewaySettings()
-    http = httpx.AsyncClient(
-        transport=LoopbackPodNetwork(limits=httpx.Limits(max_connections=1000)),
-        timeout=httpx.Timeout(
-            settings.upstream_timeout_seconds, connect=settings.connect_timeout_seconds
-        ),
-        trust_env=False,
-    )
-    asyncio.run(serve(settings, http))
+    run(serve(settings, loopback_url), settings.event_loop)
 
 
 def pod_address(index: int) -> str:

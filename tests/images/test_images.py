@@ -204,7 +204,7 @@ def test_operator_image_imports_as_non_root(operator_image: dict) -> None:
     assert config["Entrypoint"] == ["python", "-m", "llamaherd_operator"]
     probe = (
         "import importlib.util, os, kopf, lightkube, llamaherd_operator.__main__; "
-        "import uvicorn, llamaherd_gateway.__main__; "
+        "import aiohttp, uvicorn, uvloop, httptools, llamaherd_gateway.__main__; "
         "assert importlib.util.find_spec('llama_cpp') is None, 'llama-cpp-python installed'; "
         "print(os.getuid())"
     )
