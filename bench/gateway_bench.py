@@ -176,6 +176,7 @@ def serve(args: argparse.Namespace) -> None:
     async def main() -> None:
         http = upstream_session(settings)
         gateway = Gateway(settings, registry, GatewayMetrics(), http)
+        gateway.start_load_poll()
         config = uvicorn.Config(
             gateway,
             host="127.0.0.1",
@@ -185,6 +186,7 @@ def serve(args: argparse.Namespace) -> None:
             lifespan="off",
         )
         await uvicorn.Server(config).serve()
+        await gateway.close()
         await http.close()
 
     run(main(), settings.event_loop)

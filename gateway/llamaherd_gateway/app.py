@@ -46,6 +46,7 @@ async def running_gateway(
         ready=lambda: watcher.ready,
     )
     watcher.start()
+    gateway.start_load_poll()
     try:
         yield gateway
     finally:

@@ -1,7 +1,10 @@
 """Picking a service (traffic split) and a replica (prefix affinity with bounded load).
 
 **The rule.** Each replica's load is the number of requests this gateway has outstanding on it
-(sent and not yet finished). For a request with a prompt:
+(sent and not yet finished), plus the others' requests on it: what the replica last reported
+(waiting and running, from its /metrics) less this gateway's own count at that moment. Other
+gateway replicas and clients of the Service thus count too, as of the last poll. For a request
+with a prompt:
 
 1. The affinity key is the start of the prompt: the first ``prefix_chars`` characters of
    ``prompt`` (completions, generate; a prompt of token ids counts as its ids written out with
@@ -118,3 +121,20 @@ def pick_weighted(
     if sum(weights) <= 0:
         return (rng or random).choice(list(items))
     return (rng or random).choices(list(items), weights=list(weights), k=1)[0]
+
+
+def reported_load(metrics_text: str) -> int | None:
+    """Waiting plus running requests in a llamaherd server's /metrics text; None when neither
+    series is there (not a llamaherd server, or not yet)."""
+    total, seen = 0.0, False
+    for line in metrics_text.splitlines():
+        if line.startswith(("llamaherd_requests_waiting", "llamaherd_requests_running")):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name not in ("llamaherd_requests_waiting", "llamaherd_requests_running"):
+                continue
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            seen = True
+    return round(total) if seen else None

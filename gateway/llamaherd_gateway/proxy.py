@@ -148,6 +148,10 @@ class Gateway:
         self.is_ready = ready
         self.rng = rng or random.Random()
         self.outstanding: dict[Endpoint, int] = {}
+        # requests of others (other gateways, the Service's clients) on each replica, as of the
+        # last poll of its /metrics
+        self.others: dict[Endpoint, int] = {}
+        self._poller: asyncio.Task[None] | None = None
         self.held = 0
         self._scaling: dict[Key, asyncio.Task[bool]] = {}
         self._scale_tried: dict[Key, float] = {}
@@ -315,7 +319,7 @@ class Gateway:
             if not candidates:
                 break
             by_url = {ep.url: ep for ep in candidates}
-            loads = {url: self.outstanding.get(ep, 0) for url, ep in by_url.items()}
+            loads = {url: self.load(ep) for url, ep in by_url.items()}
             url, reason = picker.pick_replica(
                 key, loads, self.settings.affinity_load_factor, self.rng
             )
@@ -420,6 +424,35 @@ class Gateway:
                 self.outstanding.pop(endpoint, None)
             self.metrics.outstanding.labels(*labels).dec()
 
+    def load(self, endpoint: Endpoint) -> int:
+        return self.outstanding.get(endpoint, 0) + self.others.get(endpoint, 0)
+
+    def start_load_poll(self) -> None:
+        if self.settings.load_poll_seconds > 0 and self._poller is None:
+            self._poller = asyncio.create_task(self._poll_loads(), name="load-poll")
+
+    async def _poll_loads(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.load_poll_seconds)
+            endpoints = {
+                ep for key in self.registry.services for ep in self.registry.endpoints(key)
+            }
+            await asyncio.gather(*(self._poll_one(ep) for ep in endpoints))
+            for gone in set(self.others) - endpoints:
+                del self.others[gone]
+
+    async def _poll_one(self, endpoint: Endpoint) -> None:
+        own = self.outstanding.get(endpoint, 0)
+        timeout = aiohttp.ClientTimeout(total=max(0.5, self.settings.load_poll_seconds))
+        try:
+            async with self.http.get(self.url_for(endpoint) + "/metrics", timeout=timeout) as r:
+                text = await r.text() if r.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return  # keep the last estimate; the pick still counts the gateway's own
+        reported = picker.reported_load(text)
+        if reported is not None:
+            self.others[endpoint] = max(0, reported - own)
+
     # ---- picking a service, holding ----
     def _ready_choice(
         self, services: list[ServiceInfo]
@@ -509,8 +542,12 @@ class Gateway:
         return raised
 
     async def close(self) -> None:
-        for task in self._scaling.values():
+        tasks = [*self._scaling.values(), *([self._poller] if self._poller else [])]
+        for task in tasks:
             task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _parse(raw: bytes) -> dict[str, Any]:

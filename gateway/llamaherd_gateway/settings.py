@@ -71,6 +71,14 @@ class GatewaySettings(BaseSettings):
         description="c in the bounded-load rule: the affinity replica is skipped when its "
         "outstanding requests would exceed (1 + c) x the mean over the service's replicas.",
     )
+    load_poll_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="How often the gateway reads each replica's reported queue (waiting and "
+        "running requests from its /metrics), so that requests sent by other gateway "
+        "replicas or straight to the Service count in the load; 0 counts only its own.",
+    )
     retries: int = Field(
         default=2,
         ge=0,

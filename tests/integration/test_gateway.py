@@ -572,3 +572,56 @@ def test_traffic_split_by_weight(
             metric(text, "llamaherd_gateway_requests_total", model="mix", inferenceservice=name)
             == count
         )
+
+
+def test_load_reported_by_a_replica_counts_in_the_pick(
+    control_plane: ControlPlane,
+    namespace: str,
+    servers: Callable[..., ServerProcess],
+    gateway_factory: Callable[..., GatewayProcess],
+    small_model: Path,
+) -> None:
+    """Requests that did not come through this gateway (another gateway pod, a client of the
+    Service) count through the replica's reported queue: least-loaded picks avoid it."""
+    cp = control_plane
+    busy, idle = (servers("slow", "--slots", "4", model=small_model) for _ in range(2))
+    apply(cp, inference_service(namespace, "slow", small_model, 2))
+    apply(cp, endpoint_slice(namespace, "slow", [(0, busy.port, "ready")], name="slow-a"))
+    apply(cp, endpoint_slice(namespace, "slow", [(1, idle.port, "ready")], name="slow-b"))
+    gw = gateway_factory(affinity_prefix_chars=0, load_poll_seconds=0.3)
+    wait_until(lambda: ready_endpoints(gw, "slow") == 2, timeout=30, what="both endpoints")
+    # Two long generations straight to one replica, past the gateway.
+    stop = threading.Event()
+
+    def occupy() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                client.post(
+                    busy.url + "/v1/completions",
+                    json={"model": "slow", "prompt": "x", "max_tokens": 400, "ignore_eos": True},
+                )
+
+    occupiers = [threading.Thread(target=occupy, daemon=True) for _ in range(2)]
+    try:
+        for t in occupiers:
+            t.start()
+        wait_until(
+            lambda: (
+                metric(
+                    httpx.get(busy.url + "/metrics", timeout=5).text, "llamaherd_requests_running"
+                )
+                >= 2
+            ),
+            timeout=30,
+            what="the busy replica running two requests",
+        )
+        before = served(busy)
+        for _ in range(6):
+            assert complete(gw, "slow").status_code == 200
+        # the busy replica finished only the occupiers' requests, none of the gateway's
+        assert served(idle) == 6
+        assert served(busy) - before <= 2 * 2  # occupier requests that ended meanwhile
+    finally:
+        stop.set()
+        for t in occupiers:
+            t.join(timeout=120)

@@ -186,3 +186,20 @@ def test_exported_metric_names() -> None:
         "llamaherd_gateway_retries_total",
         "llamaherd_gateway_upstream_latency_seconds_bucket",
     } <= names
+
+
+def test_reported_load_sums_waiting_and_running() -> None:
+    text = "\n".join(
+        [
+            "# HELP llamaherd_requests_waiting Requests waiting.",
+            "# TYPE llamaherd_requests_waiting gauge",
+            'llamaherd_requests_waiting{priority="0"} 2.0',
+            'llamaherd_requests_waiting{priority="5"} 1.0',
+            "llamaherd_requests_running 3.0",
+            "llamaherd_requests_running_total_bogus 99",
+            'llamaherd_requests_total{outcome="ok"} 40.0',
+        ]
+    )
+    assert picker.reported_load(text) == 6
+    assert picker.reported_load("up 1") is None
+    assert picker.reported_load("llamaherd_requests_running 0.0") == 0
