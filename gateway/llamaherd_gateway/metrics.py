@@ -33,7 +33,8 @@ SCALE_UPS = "llamaherd_gateway_scale_from_zero"
 # not_found: no such model; bad_request: the gateway could not read the request;
 # hold_timeout / hold_full: no ready replica in time / too many held (503 + Retry-After);
 # unavailable: every replica tried refused or reset the connection (502);
-# cancelled: the client went away first; upstream_broken: the replica broke mid-response.
+# cancelled: the client went away first; upstream_broken: the replica broke mid-response;
+# unauthorized: the gateway's own API key check refused it (model unknown: label '').
 OUTCOMES = (
     "ok",
     "upstream_4xx",
@@ -45,6 +46,7 @@ OUTCOMES = (
     "unavailable",
     "cancelled",
     "upstream_broken",
+    "unauthorized",
 )
 
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)

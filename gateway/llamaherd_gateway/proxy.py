@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from llamaherd_gateway import picker
+from llamaherd_gateway.keys import KeyFile
 from llamaherd_gateway.metrics import GatewayMetrics
 from llamaherd_gateway.registry import Endpoint, Key, Registry, ServiceInfo
 from llamaherd_gateway.settings import GatewaySettings
@@ -144,6 +145,7 @@ class Gateway:
         self.metrics = metrics
         self.http = http
         self.url_for: UrlFor = url_for or (lambda endpoint: endpoint.url)
+        self.keys = KeyFile(settings.api_keys_file) if settings.api_keys_file else None
         self.scale_up = scale_up
         self.is_ready = ready
         self.rng = rng or random.Random()
@@ -164,6 +166,16 @@ class Gateway:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
+        if self.keys is not None and path.startswith("/v1/") and not self._authorized(scope):
+            err = GatewayError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "unauthorized",
+                code="invalid_api_key",
+            )
+            self.metrics.requests.labels("", "", "", "unauthorized").inc()
+            await _send(send, 401, err.body(), extra=[(b"www-authenticate", b"Bearer")])
+            return
         if method == "POST" and path in ROUTED_PATHS:
             await self._routed(scope, receive, send)
         elif method == "GET" and path == "/v1/models":
@@ -179,6 +191,11 @@ class Gateway:
         else:
             err = GatewayError(404, f"no route {method} {path}", "not_found", code="not_found")
             await _send(send, 404, err.body())
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.keys is not None
+        header = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), None)
+        return self.keys.allows(header.decode("latin-1") if header else None)
 
     def _count_endpoints(self) -> None:
         """The ready-endpoints gauge, from the registry as it is now."""

@@ -4,6 +4,7 @@ and CLI flags alike (``--hold-timeout-seconds 60`` or ``LLAMAHERD_GATEWAY_HOLD_T
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -31,6 +32,12 @@ class GatewaySettings(BaseSettings):
         description="Event loop: uvloop when installed (auto), or asyncio's own. uvloop, and "
         "httptools for HTTP parsing (used by uvicorn when installed), cut the CPU per "
         "streamed token.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one per line (a mounted Secret); when set, every /v1/ "
+        "request needs 'Authorization: Bearer <one of them>' (401 otherwise). The file is read "
+        "again when it changes. The header still goes on to the replica.",
     )
     # ---- holding requests for a service with no ready replica ----
     hold_timeout_seconds: float = Field(

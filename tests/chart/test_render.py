@@ -1167,6 +1167,17 @@ def test_gateway_deployment_service_and_rbac(
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     operator_selector = operator["spec"]["selector"]["matchLabels"]
     assert not operator_selector.items() <= labels.items()
+    if values == VALUES["all-on"]:  # the API keys from a Secret, as a file that can change
+        assert env["LLAMAHERD_GATEWAY_API_KEYS_FILE"] == "/etc/llamaherd-gateway/api-keys/keys"
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert volume["secret"] == {
+            "secretName": "gateway-keys",
+            "items": [{"key": "keys.txt", "path": "keys"}],
+        }
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+        assert "subPath" not in mount and mount["readOnly"] is True
+    else:
+        assert "LLAMAHERD_GATEWAY_API_KEYS_FILE" not in env
     service = one(gateway, "Service")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"].items() <= labels.items()

@@ -625,3 +625,50 @@ def test_load_reported_by_a_replica_counts_in_the_pick(
         stop.set()
         for t in occupiers:
             t.join(timeout=120)
+
+
+def test_the_gateways_own_api_keys(
+    control_plane: ControlPlane,
+    namespace: str,
+    servers: Callable[..., ServerProcess],
+    gateway_factory: Callable[..., GatewayProcess],
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """With a keys file, /v1/ needs one of its keys (401 otherwise); probes and metrics stay
+    open; the header goes on to the replica."""
+    cp = control_plane
+    alpha = servers("alpha", "--api-key", "team-key")
+    apply(cp, inference_service(namespace, "alpha", tiny_model, 1))
+    apply(cp, endpoint_slice(namespace, "alpha", [(0, alpha.port, "ready")]))
+    keys = tmp_path / "gateway-keys"
+    keys.write_text("# one per line\nteam-key\nother-key\n")
+    gw = gateway_factory(api_keys_file=keys)
+    assert httpx.get(gw.url + "/v1/models", timeout=5).status_code == 401
+    r = complete(gw, "alpha")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(gw.url + "/metrics", timeout=5).status_code == 200
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(
+            gw.url + "/v1/completions",
+            json={"model": "alpha", "prompt": "hi", **SMALL},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+
+    wait_until(
+        lambda: httpx.get(
+            gw.url + "/v1/models", headers={"Authorization": "Bearer other-key"}, timeout=5
+        ).json()["data"],
+        timeout=30,
+        what="alpha listed",
+    )
+    assert post("wrong-key").status_code == 401
+    assert post("team-key").status_code == 200
+    # the gateway accepts other-key, the replica (its own key is team-key) refuses it
+    assert post("other-key").status_code == 401
+    assert served(alpha) == 1
+    text = gw.metrics()
+    assert metric(text, "llamaherd_gateway_requests_total", outcome="unauthorized") == 3

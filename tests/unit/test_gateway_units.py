@@ -3,8 +3,10 @@ InferenceServices and EndpointSlices, the settings."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,3 +205,27 @@ def test_reported_load_sums_waiting_and_running() -> None:
     assert picker.reported_load(text) == 6
     assert picker.reported_load("up 1") is None
     assert picker.reported_load("llamaherd_requests_running 0.0") == 0
+
+
+def test_api_keys_file(tmp_path: Path) -> None:
+    from llamaherd_gateway import keys
+
+    assert keys.parse_keys("# team keys\nalpha\n\n  beta  \n") == {"alpha", "beta"}
+    assert keys.bearer("Bearer alpha") == "alpha"
+    assert keys.bearer("bearer  alpha ") == "alpha"
+    assert keys.bearer("Basic alpha") is None
+    assert keys.bearer("Bearer ") is None and keys.bearer(None) is None
+    path = tmp_path / "keys"
+    path.write_text("alpha\n")
+    key_file = keys.KeyFile(path)
+    assert key_file.allows("Bearer alpha")
+    assert not key_file.allows("Bearer alph") and not key_file.allows(None)
+    assert not key_file.allows("Basic alpha")
+    # a rotated Secret: the new key works, the old one not, once the file is read again
+    path.write_text("gamma\n")
+    os.utime(path, (1, 1))
+    key_file.reload()
+    assert key_file.allows("Bearer gamma") and not key_file.allows("Bearer alpha")
+    # no file: nothing is allowed
+    missing = keys.KeyFile(tmp_path / "absent")
+    assert not missing.allows("Bearer alpha")
