@@ -255,6 +255,8 @@ class Gateway:
                 outcome.outcome = "cancelled"
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if task.cancelled():  # also when the client left while sending the body
+                outcome.outcome = "cancelled"
         except GatewayError as err:
             outcome.status, outcome.outcome = err.status, err.outcome
             if not started_response:
