@@ -331,10 +331,15 @@ class Gateway:
         if not any(k.lower() == "content-type" for k, _ in headers):
             headers.append(("Content-Type", "application/json"))
         tried: set[Endpoint] = set()
+        deadline = time.monotonic() + self.settings.hold_timeout_seconds
         for attempt in range(self.settings.retries + 1):
             candidates = [ep for ep in endpoints if ep not in tried]
             if not candidates:
                 candidates = [ep for ep in self.registry.endpoints(service.key) if ep not in tried]
+            if not candidates and tried:
+                # Every ready replica refused: the endpoints are behind (a pod died). Wait, as a
+                # hold does and within its bound, for one not tried yet.
+                candidates = await self._wait_for_another(service, tried, deadline)
             if not candidates:
                 break
             by_url = {ep.url: ep for ep in candidates}
@@ -359,6 +364,25 @@ class Gateway:
             type="server_error",
             code="upstream_unavailable",
         )
+
+    async def _wait_for_another(
+        self, service: ServiceInfo, tried: set[Endpoint], deadline: float
+    ) -> list[Endpoint]:
+        """Ready endpoints of ``service`` not in ``tried``, waiting for one until ``deadline``
+        (counted as held meanwhile); [] when none came."""
+        gauge = self.metrics.held.labels(service.namespace, service.name)
+        gauge.inc()
+        try:
+            while True:
+                fresh = [ep for ep in self.registry.endpoints(service.key) if ep not in tried]
+                left = deadline - time.monotonic()
+                if fresh or left <= 0:
+                    return fresh
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self.registry.wait_changed()
+        finally:
+            gauge.dec()
 
     async def _send_to(
         self,

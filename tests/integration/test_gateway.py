@@ -672,3 +672,37 @@ def test_the_gateways_own_api_keys(
     assert served(alpha) == 1
     text = gw.metrics()
     assert metric(text, "llamaherd_gateway_requests_total", outcome="unauthorized") == 3
+
+
+def test_a_replica_that_died_under_its_ready_endpoint_loses_no_request(
+    control_plane: ControlPlane,
+    namespace: str,
+    servers: Callable[..., ServerProcess],
+    gateway_factory: Callable[..., GatewayProcess],
+    tiny_model: Path,
+) -> None:
+    """The only ready endpoint refuses (its pod died, the slice does not say so yet): the
+    request waits, as a hold does, for the replacement, and is answered there."""
+    cp = control_plane
+    apply(cp, inference_service(namespace, "phoenix", tiny_model, 1))
+    apply(cp, endpoint_slice(namespace, "phoenix", [(0, free_port(), "ready")]))
+    gw = gateway_factory(hold_timeout_seconds=60)
+    wait_until(lambda: ready_endpoints(gw, "phoenix") == 1, timeout=30, what="the endpoint")
+    result: list[httpx.Response] = []
+    client = threading.Thread(target=lambda: result.append(complete(gw, "phoenix")), daemon=True)
+    client.start()
+    wait_until(
+        lambda: (
+            metric(gw.metrics(), "llamaherd_gateway_requests_held", inferenceservice="phoenix") == 1
+        ),
+        timeout=15,
+        what="the request waiting after the refused connection",
+    )
+    replacement = servers("phoenix")
+    apply(cp, endpoint_slice(namespace, "phoenix", [(1, replacement.port, "ready")]))
+    client.join(timeout=60)
+    assert result and result[0].status_code == 200, result and result[0].text
+    assert served(replacement) == 1
+    text = gw.metrics()
+    assert metric(text, "llamaherd_gateway_retries_total", inferenceservice="phoenix") == 1
+    assert metric(text, "llamaherd_gateway_requests_held", inferenceservice="phoenix") == 0
