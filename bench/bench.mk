@@ -1,7 +1,7 @@
 # Serving benchmark (bench/README.md). Included from the root Makefile.
 BENCH_ARGS ?=
 
-.PHONY: bench-deps bench-llama-server
+.PHONY: bench-deps bench-llama-server bench-prefix
 
 # matplotlib draws the plots; it belongs in pyproject's `bench` extra.
 bench-deps: setup
@@ -15,3 +15,6 @@ bench-quick: bench-deps ## short serving benchmark (~1-2 min), results in bench/
 
 bench-llama-server: ## build llama-server and llama-batched-bench from the pinned vendored llama.cpp
 	bash bench/build_llama_server.sh
+
+bench-prefix: bench-deps ## prefix-cache benchmark: repeated, shared-prefix and multi-turn traffic vs llama-server (~25 min)
+	$(PY) bench/prefix_bench.py $(BENCH_ARGS)

@@ -69,6 +69,11 @@ class RequestResult:
     done: float | None = None
     chunk_times: list[float] = field(default_factory=list)
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    # Prompt tokens the server took from its cache (llamaherd: usage.prompt_tokens_details;
+    # llama-server: timings.cache_n), when it says.
+    cached_tokens: int | None = None
+    text: str = ""
     error: str | None = None
 
     @property
@@ -103,9 +108,17 @@ async def stream_one(
                     if result.first_chunk is None:
                         result.first_chunk = now
                     result.chunk_times.append(now)
+                    result.text += choices[0]["text"]
                 usage = event.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     result.completion_tokens = int(usage["completion_tokens"])
+                    result.prompt_tokens = usage.get("prompt_tokens")
+                    details = usage.get("prompt_tokens_details") or {}
+                    if details.get("cached_tokens") is not None:
+                        result.cached_tokens = int(details["cached_tokens"])
+                timings = event.get("timings")
+                if timings and timings.get("cache_n") is not None:
+                    result.cached_tokens = int(timings["cache_n"])
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     if result.done is None and result.error is None:

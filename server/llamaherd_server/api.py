@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from . import __version__
@@ -38,6 +40,20 @@ from .settings import ServerSettings
 log = logging.getLogger("llamaherd.api")
 
 MAX_STOP_STRINGS = 4
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body, parsed and validated in a worker thread: a body near
+    max-body-bytes takes milliseconds to parse, which every running stream would otherwise wait
+    out on the event loop. Errors are FastAPI's (a 400 naming the field, see errors.py)."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(model.model_validate_json, raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def create_app(
@@ -69,6 +85,7 @@ def create_app(
             aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,
             stall_seconds=settings.engine_stall_seconds,
+            prefix_cache=settings.prefix_cache,
             dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine
@@ -187,6 +204,7 @@ def prompt_tokens(
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
+        too_long(engine, settings, len(prompt))
         tokens = engine.tokenize(prompt, add_special=True, parse_special=special)
     else:
         if not prompt:
@@ -210,9 +228,25 @@ def prompt_tokens(
     return tokens
 
 
+def too_long(engine: Engine, settings: ServerSettings, chars: int) -> None:
+    """Refuse text that cannot fit the context whatever it says, without tokenizing it: every
+    token stands for at most ``engine.max_token_bytes`` bytes of text, and a character is at
+    least one byte, so the text needs at least chars / max_token_bytes tokens."""
+    at_least = -(-chars // max(1, engine.max_token_bytes))
+    if at_least >= settings.context_size:
+        raise APIError(
+            400,
+            f"prompt is at least {at_least} tokens ({chars} characters), longer than the "
+            f"context per slot ({settings.context_size} tokens, generation included)",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+
+
 def chat_prompt_tokens(
     engine: Engine, settings: ServerSettings, messages: list[dict[str, str]]
 ) -> list[int]:
+    too_long(engine, settings, sum(len(m["content"]) for m in messages))
     try:
         text = render_chat(
             settings.chat_template or engine.chat_template,
@@ -309,7 +343,8 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+async def generate(request: Request) -> GenerateResponse:
+    body = await read_body(request, GenerateRequest)
     settings = settings_of(request)
     engine = ensure_ready(engine_of(request), metrics_of(request))
     params = sampling_params(body, body.max_tokens, body.temperature, settings.context_size)
@@ -328,9 +363,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(
-    body: CompletionRequest, request: Request
-) -> dict[str, Any] | EventSourceResponse:
+async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
+    body = await read_body(request, CompletionRequest)
     settings = settings_of(request)
     engine = ensure_ready(engine_of(request), metrics_of(request))
     check_model(settings, body.model)
@@ -362,9 +396,8 @@ async def completions(
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> dict[str, Any] | EventSourceResponse:
+async def chat_completions(request: Request) -> dict[str, Any] | EventSourceResponse:
+    body = await read_body(request, ChatCompletionRequest)
     settings = settings_of(request)
     engine = ensure_ready(engine_of(request), metrics_of(request))
     check_model(settings, body.model)

@@ -4,8 +4,9 @@ cancellation, expiry) and the llama.cpp binding
 (:class:`~llamaherd_server.llama_backend.LlamaBackend`).
 
 Only the scheduler thread calls ``make_sampler``, ``accept``, ``decode``, ``sample``,
-``free_sampler`` and ``seq_rm``; ``tokenize`` and ``token_bytes`` may run on any thread while the
-model is loaded. Unit tests drive the scheduler with a fake that follows the same protocol."""
+``free_sampler``, ``seq_rm`` and ``seq_cp``; ``tokenize`` and ``token_bytes`` may run on any
+thread while the model is loaded. Unit tests drive the scheduler with a fake that follows the
+same protocol."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ class Backend(Protocol):
     chat_template: str | None
     bos_text: str
     eos_text: str
+    # Whether part of a sequence can be shared (seq_cp of a prefix) and the rest decoded anew:
+    # a plain attention KV cache; not a recurrent, hybrid or sliding-window one.
+    can_share_prefixes: bool
 
     def load(self) -> None:
         """Load the model and make the context; raise (ModelLoadError says why) on failure."""
@@ -55,3 +59,6 @@ class Backend(Protocol):
 
     def seq_rm(self, seq_id: int) -> None:
         """Drop every KV cell of one sequence."""
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Make the cells of ``src``'s positions ``p0`` to ``p1 - 1`` belong to ``dst`` too."""

@@ -196,11 +196,14 @@ class Generation:
         return work.result()
 
 
-def usage(finish: Finished) -> dict[str, int]:
+def usage(finish: Finished) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts the prompt tokens
+    served from the prefix cache."""
     return {
         "prompt_tokens": finish.prompt_tokens,
         "completion_tokens": finish.completion_tokens,
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
     }
 
 

@@ -3,16 +3,19 @@
 One model context holds a unified KV cache with ``slots`` sequences of ``context_size`` tokens
 each. One scheduler thread owns it; nothing else touches the context. Each iteration:
 
-1. drop sequences whose client went away or whose deadline passed (their KV is freed at once);
-2. admit waiting requests into free slots, best rank first (see :mod:`llamaherd_server.queue`);
+1. drop sequences whose client went away or whose deadline passed;
+2. admit waiting requests into free slots, best rank first (see :mod:`llamaherd_server.queue`),
+   each on a fresh llama.cpp sequence to which the longest prefix of its prompt already in the
+   KV cache is attached (the prefix cache, :mod:`llamaherd_server.kvcache`): only the rest of
+   the prompt is prefilled;
 3. build ONE batch: the pending token of every decoding sequence, then prefill chunks of
    admitted prompts until the per-step token budget is spent (chunked prefill keeps the
    inter-token latency of running sequences flat while long prompts arrive);
 4. decode it (``llama_decode`` is a ctypes call: it releases the GIL, so the HTTP side keeps
    running);
 5. sample each sequence that produced logits with its own sampler, stream its text out, and
-   finish it (its KV dropped, slot freed) on EOS, a stop string, ``max_tokens`` or a full
-   context.
+   finish it (slot freed, its KV kept as a cached prefix or dropped) on EOS, a stop string,
+   ``max_tokens`` or a full context.
 
 The engine knows nothing of HTTP, nor of llama.cpp: it drives a
 :class:`~llamaherd_server.backend.Backend`, by default
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import Backend, BatchToken
+from .kvcache import KvEntry, KvPool, Match
 from .llama_backend import LlamaBackend
 from .loadfail import ModelLoadError, failure_message
 from .metrics import ServerMetrics
@@ -98,6 +102,7 @@ class Finished:
     queue_wait_s: float
     latency_s: float
     time_to_first_token_s: float | None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -143,8 +148,11 @@ class _Sequence:
     """A request holding a slot: engine-thread state only."""
 
     __slots__ = (
+        "accepted",
+        "cached",
         "decoder",
         "emitted",
+        "entry",
         "generated",
         "last_token_at",
         "next_token",
@@ -152,17 +160,22 @@ class _Sequence:
         "prompt_i",
         "req",
         "sampler",
-        "slot",
+        "seq_id",
         "text",
         "ttft",
+        "wait",
     )
 
-    def __init__(self, req: GenerationRequest, slot: int, sampler: Any) -> None:
+    def __init__(self, req: GenerationRequest, entry: KvEntry, sampler: Any) -> None:
         self.req = req
-        self.slot = slot
+        self.entry = entry
+        self.seq_id = entry.seq_id
         self.sampler = sampler
-        self.pos = 0  # tokens in this sequence's KV
+        self.pos = 0  # tokens in this sequence's KV (once the step that batched them decoded)
         self.prompt_i = 0  # next prompt token to prefill
+        self.cached = 0  # prompt tokens attached from the prefix cache
+        self.wait: Match | None = None  # a prefix another sequence is still prefilling
+        self.accepted = False  # the prompt went to the sampler's penalties
         self.next_token: int | None = None  # sampled, not yet decoded
         self.generated = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -206,6 +219,7 @@ class Engine:
         aging_seconds: float = 10.0,
         seed: int = -1,
         stall_seconds: float = 120.0,
+        prefix_cache: bool = True,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
         backend: Backend | None = None,
     ) -> None:
@@ -238,6 +252,8 @@ class Engine:
         self.bos_text = ""
         self.eos_text = ""
         self.n_vocab = 0
+        # The longest text one token stands for, in bytes (specials included).
+        self.max_token_bytes = 1
         self._wake = threading.Condition()
         self._stop = False
         self._abort: str | None = None
@@ -248,21 +264,33 @@ class Engine:
         self._users = 0
         self._users_idle = threading.Condition()
         self._closed = False
-        self._running: dict[int, _Sequence] = {}
+        self._running: dict[int, _Sequence] = {}  # by sequence id
         # Requests taken from the queue that an exception kept from a slot (see _die).
         self._in_hand: list[GenerationRequest] = []
         # Events produced on the scheduler thread, handed out in one burst (see _deliver).
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
         self._thread_ident: int | None = None
-        self._free_slots = list(range(slots - 1, -1, -1))
+        self.prefix_cache = prefix_cache
+        # Sequence ids: one per running request, and twice as many for cached prefixes (more
+        # distinct prefixes than slots is what a cache shared by all slots is for; the cells
+        # they may hold are budgeted separately, see kvcache).
+        self.sequences = min(256, 3 * slots) if prefix_cache else slots
         # The model runtime; only the scheduler thread decodes (tokenize: any thread).
         self.backend: Backend = backend or LlamaBackend(
             model_path,
             slots=slots,
+            sequences=self.sequences,
             context_size=context_size,
             batch_size=self.token_budget,
             threads=threads,
             gpu_layers=gpu_layers,
+        )
+        self.kv = KvPool(
+            self.backend,
+            ids=self.sequences,
+            capacity=slots * context_size,
+            keep=prefix_cache,
+            on_evict=metrics.prefix_cache_evictions.inc,
         )
         self._loaded = False
         self._avg_latency_s = 1.0
@@ -283,7 +311,22 @@ class Engine:
             log.error("%s", self.load_error)
             raise
         backend = self.backend
+        if self.prefix_cache and not backend.can_share_prefixes:
+            log.warning(
+                "prefix cache off: this model's memory (recurrent, hybrid or sliding-window) "
+                "cannot share part of a sequence"
+            )
+            self.prefix_cache = False
+            self.kv.keep = False
         self.n_vocab = backend.n_vocab
+        self.max_token_bytes = max(
+            (
+                len(backend.token_bytes(t, special=special))
+                for t in range(self.n_vocab)
+                for special in (False, True)
+            ),
+            default=1,
+        )
         self.chat_template = backend.chat_template
         self.bos_text = backend.bos_text
         self.eos_text = backend.eos_text
@@ -466,9 +509,9 @@ class Engine:
         message = f"{self.failure}; the server must be restarted"
         for seq in list(self._running.values()):
             try:
-                self._release(seq)
+                self._release(seq, keep=False)
             except Exception:  # a dead engine still answers every request
-                self._running.pop(seq.slot, None)
+                self._running.pop(seq.seq_id, None)
                 self._set_kv_usage()
             self._finish_failed(seq.req, "error", message, seq.generated)
         for taken in self._in_hand:
@@ -515,8 +558,10 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the running sequences")
                 for seq in list(self._running.values()):
-                    self._release(seq)
+                    self._release(seq, keep=False)
                     self._finish_failed(seq.req, "error", "internal engine error", seq.generated)
+                self.kv.drop_all()
+                self._set_kv_usage()
 
     def _fail_everything(self, message: str) -> None:
         for seq in list(self._running.values()):
@@ -567,26 +612,65 @@ class Engine:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        while self._free_slots:
+        while len(self._running) < self.slots:
             req = self.queue.pop()
             if req is None:
                 break
             if req.cancelled:
                 self._finish_failed(req, "cancelled", "client disconnected", 0)
                 continue
-            slot = self._free_slots.pop()
             req.admitted_at = now
             self.metrics.queue_wait.observe(now - req.arrival)
             try:
                 sampler = self._make_sampler(req.params)
             except BaseException:
                 # Out of the queue, not running yet: the dying engine must still answer it.
-                self._free_slots.append(slot)
                 self._in_hand.append(req)
                 raise
-            seq = _Sequence(req, slot, sampler)
-            self._running[slot] = seq
+            entry = self.kv.acquire()
+            if entry is None:  # cannot happen: ids >= slots
+                self.backend.free_sampler(sampler)
+                self._in_hand.append(req)
+                raise RuntimeError("no free sequence id with a free slot")
+            seq = _Sequence(req, entry, sampler)
+            self._running[seq.seq_id] = seq
+            match = self.kv.match(req.prompt_tokens, exclude=entry)
+            entry.planned = req.prompt_tokens
+            if match is not None:
+                if match.ready:
+                    self._attach(seq, match)
+                else:
+                    seq.wait = match
+            # A wait counts as a hit: the prefix will be attached, not prefilled.
+            expected = match.length if match is not None else 0
+            self.kv.admitted(len(req.prompt_tokens), expected)
         self.metrics.requests_running.set(len(self._running))
+
+    def _attach(self, seq: _Sequence, match: Match) -> None:
+        """Share a cached prefix of the prompt with the sequence: prefill starts after it."""
+        n = self.kv.attach(seq.entry, match)
+        seq.pos = seq.prompt_i = seq.cached = n
+        if n:
+            self.metrics.prompt_cached_tokens.inc(n)
+
+    def _resolve_waits(self) -> None:
+        """Sequences waiting for a prefix that another one was prefilling: attach it once it
+        is in the KV; when that sequence stopped short (cancelled, timed out), take the best
+        prefix there is now and prefill the rest."""
+        for seq in self._running.values():
+            wait = seq.wait
+            if wait is None:
+                continue
+            donor = wait.entry
+            if donor.alive and len(donor.tokens) >= wait.length:
+                seq.wait = None
+                self._attach(seq, wait)
+            elif not donor.alive or donor.planned is None:
+                seq.wait = None
+                # Ready prefixes only: waiting again could wait on a sequence that waits on it.
+                match = self.kv.match(seq.req.prompt_tokens, exclude=seq.entry, wait=False)
+                if match is not None:
+                    self._attach(seq, match)
 
     def _make_sampler(self, p: SamplingParams) -> Any:
         seed = p.seed
@@ -599,41 +683,59 @@ class Engine:
         while the token budget lasts; then sample every sequence that got logits."""
         backend = self.backend
         budget = self.token_budget
+        self._resolve_waits()
         batch: list[BatchToken] = []
         outputs: list[tuple[int, _Sequence]] = []  # (batch index, sequence)
-        prefill_tokens = 0
+        decoded: list[_Sequence] = []  # sequences with their pending token in the batch
+        prefilled: list[tuple[_Sequence, int, int]] = []  # (sequence, prompt from, to)
         for seq in self._running.values():
             if seq.next_token is not None:
                 outputs.append((len(batch), seq))
-                batch.append((seq.next_token, seq.pos, seq.slot, True))
-                seq.pos += 1
-                seq.next_token = None
+                batch.append((seq.next_token, seq.pos, seq.seq_id, True))
+                decoded.append(seq)
         sequences = len(outputs)
         for seq in self._running.values():
             prompt = seq.req.prompt_tokens
-            if seq.prompt_i >= len(prompt) or len(batch) >= budget:
+            if seq.prompt_i >= len(prompt) or seq.wait is not None or len(batch) >= budget:
                 continue
             sequences += 1
-            end = min(len(prompt), seq.prompt_i + budget - len(batch))
-            if seq.req.params.has_penalties and seq.prompt_i == 0:
+            start = seq.prompt_i
+            end = min(len(prompt), start + budget - len(batch))
+            if seq.req.params.has_penalties and not seq.accepted:
                 backend.accept(seq.sampler, prompt)
-            for i in range(seq.prompt_i, end):
-                last = i == len(prompt) - 1
-                if last:
-                    outputs.append((len(batch), seq))
-                batch.append((prompt[i], seq.pos, seq.slot, last))
-                seq.pos += 1
-            prefill_tokens += end - seq.prompt_i
-            seq.prompt_i = end
+                seq.accepted = True
+            pos = seq.pos - start
+            batch.extend((prompt[i], pos + i, seq.seq_id, False) for i in range(start, end))
+            if end == len(prompt):
+                outputs.append((len(batch) - 1, seq))
+                token, position, seq_id, _ = batch[-1]
+                batch[-1] = (token, position, seq_id, True)
+            prefilled.append((seq, start, end))
         # The last step's tokens go out now: the event loop handles them during the decode.
         self._deliver()
         if not batch:
             return
+        self.kv.make_room(len(batch))
         started = time.perf_counter()
         rc = backend.decode(batch)
+        while rc == 1 and self.kv.evict_one():  # no room for the batch after all
+            rc = backend.decode(batch)
         self.metrics.decode_step.observe(time.perf_counter() - started)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        # The batch is in the KV now.
+        for seq in decoded:
+            seq.entry.commit_one(seq.next_token)  # type: ignore[arg-type]
+            seq.next_token = None
+            seq.pos += 1
+        prefill_tokens = 0
+        for seq, start, end in prefilled:
+            seq.entry.commit(seq.req.prompt_tokens[start:end])
+            seq.pos += end - start
+            seq.prompt_i = end
+            prefill_tokens += end - start
+            if end == len(seq.req.prompt_tokens):
+                seq.entry.planned = None
         self.metrics.batch_size.observe(sequences)
         self.metrics.batch_tokens.observe(len(batch))
         if prefill_tokens:
@@ -646,10 +748,14 @@ class Engine:
         self._set_kv_usage()
 
     def _set_kv_usage(self) -> None:
-        """The KV-usage gauge: after every step, and after every release (finish, cancel,
-        timeout, failure), so that it never shows KV that was already freed."""
-        used = sum(seq.pos for seq in self._running.values())
-        self.metrics.kv_cache_usage.set(used / (self.slots * self.context_size))
+        """The KV gauges: after every step, and after every release (finish, cancel, timeout,
+        failure), so that they never show KV that was already freed. Usage counts the cells
+        that running sequences hold (shared cells once); the prefix cache's gauge the cells
+        that only cached prefixes hold, which are freed whenever running work needs them."""
+        capacity = self.kv.capacity
+        running = self.kv.cells(running_only=True)
+        self.metrics.kv_cache_usage.set(running / capacity)
+        self.metrics.prefix_cache_usage.set((self.kv.cells() - running) / capacity)
 
     def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
         req = seq.req
@@ -691,11 +797,12 @@ class Engine:
         seq.emitted = max(seq.emitted, upto)
         self._emit(seq.req, TextChunk(chunk, 1))
 
-    def _release(self, seq: _Sequence) -> None:
-        self.backend.seq_rm(seq.slot)
+    def _release(self, seq: _Sequence, *, keep: bool = True) -> None:
+        """Free the slot; the sequence's KV stays as a cached prefix (prefix cache on and
+        ``keep``) or is dropped."""
         self.backend.free_sampler(seq.sampler)
-        del self._running[seq.slot]
-        self._free_slots.append(seq.slot)
+        del self._running[seq.seq_id]
+        self.kv.release(seq.entry, keep=keep)
         self.metrics.requests_running.set(len(self._running))
         self._set_kv_usage()
 
@@ -721,6 +828,7 @@ class Engine:
                 queue_wait_s=(req.admitted_at or now) - req.arrival,
                 latency_s=latency,
                 time_to_first_token_s=seq.ttft,
+                cached_tokens=seq.cached,
             ),
         )
 

@@ -73,8 +73,9 @@ class _LlamaErrors:
 
 
 class LlamaBackend:
-    """One llama.cpp model and one context with a unified KV cache of ``slots`` sequences of
-    ``context_size`` tokens, and a batch of ``batch_size`` tokens."""
+    """One llama.cpp model and one context with a unified KV cache of ``slots`` x
+    ``context_size`` cells shared by ``sequences`` sequence ids (running requests and cached
+    prefixes), and a batch of ``batch_size`` tokens."""
 
     def __init__(
         self,
@@ -82,12 +83,14 @@ class LlamaBackend:
         *,
         slots: int,
         context_size: int,
+        sequences: int | None = None,
         batch_size: int,
         threads: int,
         gpu_layers: int,
     ) -> None:
         self.model_path = model_path
         self.slots = slots
+        self.sequences = sequences or slots
         self.context_size = context_size
         self.batch_size = batch_size
         self.threads = threads
@@ -96,6 +99,7 @@ class LlamaBackend:
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
+        self.can_share_prefixes = False
         self.lib: Any = None
         self.model: Any = None
         self.ctx: Any = None
@@ -129,7 +133,7 @@ class LlamaBackend:
         cparams.n_ctx = self.slots * self.context_size
         cparams.n_batch = self.batch_size
         cparams.n_ubatch = min(self.batch_size, 512)
-        cparams.n_seq_max = self.slots
+        cparams.n_seq_max = self.sequences
         cparams.kv_unified = True
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
@@ -147,6 +151,12 @@ class LlamaBackend:
         self.vocab = lib.llama_model_get_vocab(model)
         self.mem = lib.llama_get_memory(ctx)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        # Part of a sequence can be shared or removed only in a plain attention KV cache.
+        self.can_share_prefixes = not (
+            lib.llama_model_is_recurrent(model)
+            or lib.llama_model_is_hybrid(model)
+            or lib.llama_model_n_swa(model) > 0
+        )
         self.batch = lib.llama_batch_init(self.batch_size, 0, 1)
         template = lib.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8") if template else None
@@ -265,3 +275,6 @@ class LlamaBackend:
 
     def seq_rm(self, seq_id: int) -> None:
         self.lib.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)

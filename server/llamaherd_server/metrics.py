@@ -27,6 +27,9 @@ TIME_TO_FIRST_TOKEN = "llamaherd_time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "llamaherd_inter_token_latency_seconds"
 QUEUE_WAIT = "llamaherd_queue_wait_seconds"
 PROMPT_TOKENS = "llamaherd_prompt_tokens"
+PROMPT_CACHED_TOKENS = "llamaherd_prompt_cached_tokens"
+PREFIX_CACHE_EVICTIONS = "llamaherd_prefix_cache_evictions"
+PREFIX_CACHE_USAGE = "llamaherd_prefix_cache_usage_ratio"
 GENERATED_TOKENS = "llamaherd_generated_tokens"
 REQUESTS = "llamaherd_requests"
 BATCH_SIZE = "llamaherd_batch_size"
@@ -115,6 +118,21 @@ class ServerMetrics:
             QUEUE_WAIT, "Arrival to admission into a slot.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
+        self.prompt_cached_tokens = Counter(
+            PROMPT_CACHED_TOKENS,
+            "Prompt tokens served from the prefix cache instead of prefilled.",
+            registry=r,
+        )
+        self.prefix_cache_evictions = Counter(
+            PREFIX_CACHE_EVICTIONS,
+            "Cached prefixes evicted to make room for running work.",
+            registry=r,
+        )
+        self.prefix_cache_usage = Gauge(
+            PREFIX_CACHE_USAGE,
+            "Share of the KV cache's cells held only by cached prefixes (0 to 1).",
+            registry=r,
+        )
         self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated.", registry=r)
         self.requests = Counter(REQUESTS, "Finished requests by outcome.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
@@ -135,7 +153,9 @@ class ServerMetrics:
             registry=r,
         )
         self.kv_cache_usage = Gauge(
-            KV_CACHE_USAGE, "Share of the KV cache's cells in use (0 to 1).", registry=r
+            KV_CACHE_USAGE,
+            "Share of the KV cache's cells that running requests hold (0 to 1).",
+            registry=r,
         )
         self.ready = Gauge(READY, "1 while the server admits requests, else 0.", registry=r)
 

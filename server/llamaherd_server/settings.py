@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from .cpus import cpu_budget
 
@@ -49,6 +49,12 @@ class ServerSettings(BaseSettings):
         le=65_536,
         description="Most tokens in one decode step: one per running sequence plus prefill "
         "chunks of newly admitted prompts (chunked prefill).",
+    )
+    prefix_cache: CliImplicitFlag[bool] = Field(
+        default=True,
+        description="Keep finished requests' KV as cached prefixes and attach the longest "
+        "cached prefix of each new prompt instead of prefilling it, also among requests that "
+        "run at the same time (--no-prefix-cache turns it off).",
     )
     max_wait_ms: float = Field(
         default=5.0,

@@ -358,3 +358,54 @@ async def test_tokenizing_and_templating_run_off_the_event_loop(
         "tokenize",
     ]
     assert all(ident != loop_thread for _, ident in seen), seen
+
+
+async def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(make_client: Any) -> None:
+    client = await make_client()
+    body = {
+        "prompt": "the same long prompt, sent twice by a client that retries",
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    first = (await client.post("/v1/completions", json=body)).json()
+    second = (await client.post("/v1/completions", json=body)).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    prompt_tokens = second["usage"]["prompt_tokens"]
+    # All but the last prompt token, whose logits start generation.
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt_tokens - 1}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+    off = await make_client(prefix_cache=False)
+    for _ in range(2):
+        reply = (await off.post("/v1/completions", json=body)).json()
+        assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_text_that_cannot_fit_is_refused_without_tokenizing(make_client: Any) -> None:
+    """Every token stands for at most max_token_bytes of text: a prompt with more characters
+    than the context times that is refused before the tokenizer sees it."""
+    client = await make_client()
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    calls: list[int] = []
+    tokenize = engine.tokenize
+
+    def counting(text: str, **kwargs: Any) -> list[int]:
+        calls.append(len(text))
+        return tokenize(text, **kwargs)
+
+    engine.tokenize = counting
+    chars = 256 * engine.max_token_bytes
+    for path, body in (
+        ("/v1/completions", {"prompt": "a" * chars}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * chars}]}),
+    ):
+        r = await client.post(path, json={**body, "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "at least 256 tokens" in error["message"]
+    assert calls == [], "the tokenizer ran on text that could never fit"
+    # Under the bound, the tokenizer decides.
+    r = await client.post("/v1/completions", json={"prompt": "a" * 200, "max_tokens": 1})
+    assert calls == [200]
+    assert r.status_code == 200 or "at least" not in r.json()["error"]["message"], r.text

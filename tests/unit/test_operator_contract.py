@@ -101,6 +101,8 @@ def test_builder_emits_exactly_the_settings_env(
 def _sample(prop: dict[str, Any]) -> Any:
     if "enum" in prop:
         return prop["enum"][0]
+    if prop["type"] == "boolean":
+        return False
     if prop["type"] == "integer":
         return max(int(prop.get("minimum", 1)), 1)
     return float(prop.get("minimum", 0)) + 1.5

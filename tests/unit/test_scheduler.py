@@ -43,12 +43,14 @@ class FakeBackend:
         self.chat_template: str | None = None
         self.bos_text = ""
         self.eos_text = ""
+        self.can_share_prefixes = True
         self.step_s = step_s
         self.gate = threading.Event()
         self.gate.set()
         self.in_decode = threading.Event()
         self.batches: list[list[BatchToken]] = []
         self.removed: list[int] = []
+        self.copies: list[tuple[int, int, int, int]] = []
         self.live_samplers: set[int] = set()
         self.freed = False
         self._ids = itertools.count()
@@ -92,6 +94,9 @@ class FakeBackend:
 
     def seq_rm(self, seq_id: int) -> None:
         self.removed.append(seq_id)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.copies.append((src, dst, p0, p1))
 
 
 def _is_a_backend(backend: FakeBackend) -> Backend:
@@ -156,6 +161,8 @@ def make_engine() -> Iterator[Any]:
     def make(step_s: float = 0.0, **kwargs: Any) -> Harness:
         slots = kwargs.setdefault("slots", 2)
         kwargs.setdefault("max_wait_ms", 0)
+        # The requests here share their prompts; prefix sharing is tested on its own below.
+        kwargs.setdefault("prefix_cache", False)
         backend = FakeBackend(step_s)
         engine = Engine(
             Path("fake.gguf"), ServerMetrics(slots), backend=_is_a_backend(backend), **kwargs

@@ -1,0 +1,323 @@
+"""The KV cache's sequences and the prefix cache: which tokens each llama.cpp sequence holds,
+which cells sequences share, and where a new request's prompt is already computed.
+
+llama.cpp's unified KV cache is a pool of cells; each cell holds one position of one or more
+sequences. ``llama_memory_seq_cp(src, dst, 0, n)`` makes the cells of ``src``'s first ``n``
+positions belong to ``dst`` as well, without copying or computing anything. So a prompt prefix
+computed once can be attached to any number of sequences.
+
+:class:`KvPool` hands out sequence ids. A running request holds one (there are at most
+``slots`` of those); with the prefix cache on, a finished request's sequence stays in the cache,
+with its tokens, as a *cached entry* until its id or its cells are needed. A new request gets a
+fresh id, and the longest prefix of its prompt that any sequence (running or cached) already
+holds is attached to it with ``seq_cp``. The engine then prefills only the rest.
+
+A prefix that another running request is still prefilling is worth waiting for (see
+:meth:`KvPool.match`): several requests with one system prompt arriving together prefill it
+once, then fan out.
+
+Cell accounting (what the KV gauges show and what eviction frees) follows from how cells are
+made: a sequence decoding its own tokens makes new cells (its *origin*); ``seq_cp`` of a prefix
+shares cells of the source's origins. So each sequence is a list of spans ``[origin, start,
+end)``, spans of one origin all start at the same position, and the cells in use are, per
+origin, the furthest end minus that start.
+
+Cached cells are not free: llama.cpp's attention scans every cell up to the highest one in use
+for each query of each step, masked or not. So the cache holds only as many cells as it earns:
+its budget is the capacity times the recent share of prompt tokens it served (an exponential
+average over admissions). Traffic that repeats itself keeps a full cache; traffic that never
+does keeps a few prompts and pays next to nothing for them.
+
+All of it runs on the scheduler thread only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# A prefilling sequence's prompt is worth waiting for when it shares at least this many more
+# tokens with a new prompt than anything already in the cache: below that, prefilling them
+# costs less than the step or two of waiting.
+MIN_WAIT_GAIN = 32
+# Weight of one admission in the average hit share that sets the cache's budget (~ the last 20).
+HIT_SMOOTHING = 0.05
+
+
+class KvBackend(Protocol):
+    def seq_rm(self, seq_id: int) -> None: ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+
+
+@dataclass(eq=False)
+class KvEntry:
+    """One llama.cpp sequence id and what its KV holds."""
+
+    seq_id: int
+    origin: int  # the origin of the cells this sequence decodes itself
+    tokens: list[int] = field(default_factory=list)  # in the KV, at positions 0..len-1
+    spans: list[list[int]] = field(default_factory=list)  # [origin, start, end)
+    running: bool = True
+    # While prefilling: the prompt, which the KV will hold once prefilled (others may wait).
+    planned: list[int] | None = None
+    last_used: int = 0
+    alive: bool = True  # False once its id was freed (evicted, or released without keeping)
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        """``tokens`` were decoded into this sequence's own new cells."""
+        if not tokens:
+            return
+        end = len(self.tokens)
+        spans = self.spans
+        if spans and spans[-1][0] == self.origin:
+            spans[-1][2] = end + len(tokens)
+        else:
+            spans.append([self.origin, end, end + len(tokens)])
+        self.tokens.extend(tokens)
+
+    def commit_one(self, token: int) -> None:
+        spans = self.spans
+        if spans and spans[-1][0] == self.origin:
+            spans[-1][2] += 1
+        else:
+            end = len(self.tokens)
+            spans.append([self.origin, end, end + 1])
+        self.tokens.append(token)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, at most ``limit``.
+
+    Compares slices (C speed), halving the range: a few slice compares instead of a Python
+    loop over thousands of tokens."""
+    n = min(len(a), len(b), limit)
+    if n <= 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 1, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class Match:
+    """Where a new prompt's prefix is: ``length`` tokens of ``entry``; ``ready`` when they are in
+    the KV now, else ``entry`` is still prefilling them."""
+
+    entry: KvEntry
+    length: int
+    ready: bool
+
+
+class KvPool:
+    """The sequence ids of one context, the prefix cache, and the cell accounting.
+
+    ``ids`` sequence ids (llama.cpp's n_seq_max), ``capacity`` cells. With ``keep`` False there
+    is no cache: a released sequence's KV is dropped at once, and nothing is ever shared."""
+
+    def __init__(
+        self,
+        backend: KvBackend,
+        *,
+        ids: int,
+        capacity: int,
+        keep: bool,
+        on_evict: Callable[[], object] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.capacity = capacity
+        self.keep = keep
+        self.on_evict = on_evict
+        self._free_ids = list(range(ids - 1, -1, -1))
+        self.entries: dict[int, KvEntry] = {}
+        self._origins = itertools.count(1)
+        self._clock = itertools.count(1)
+        # Recent share of admitted prompt tokens served from the cache; optimistic at first,
+        # so that a new server fills its cache before it judges it.
+        self.hit_share = 1.0
+
+    # ---- ids ---------------------------------------------------------------------------
+
+    def acquire(self) -> KvEntry | None:
+        """A fresh, empty sequence for a new request; evicts the least recently used cached
+        entry when no id is free. None when every id runs a request."""
+        if not self._free_ids and not self._evict_lru():
+            return None
+        seq_id = self._free_ids.pop()
+        entry = KvEntry(seq_id, next(self._origins), last_used=next(self._clock))
+        self.entries[seq_id] = entry
+        return entry
+
+    def release(self, entry: KvEntry, *, keep: bool = True) -> None:
+        """A request is done with its sequence: keep its KV as a cached entry (prefix cache on,
+        ``keep`` True, and it adds something the cache lacks), or drop it."""
+        if not entry.alive:
+            return
+        entry.running = False
+        entry.planned = None
+        if not (self.keep and keep and entry.tokens and self._adds_something(entry)):
+            self._drop(entry)
+            return
+        entry.last_used = next(self._clock)
+        # Cached entries that this one extends hold nothing it does not.
+        for other in list(self.entries.values()):
+            if other is not entry and not other.running and self._covers(entry, other):
+                self._drop(other)
+        self.trim()
+
+    def admitted(self, prompt_tokens: int, cached: int) -> None:
+        """A request was admitted with ``cached`` of its prompt tokens from the cache."""
+        if prompt_tokens > 0:
+            share = cached / prompt_tokens
+            self.hit_share += HIT_SMOOTHING * (share - self.hit_share)
+
+    def budget(self) -> int:
+        """Cells that cached entries (beyond what running sequences hold) may keep."""
+        return int(self.capacity * self.hit_share)
+
+    def trim(self) -> int:
+        """Evict cached entries, least recently used first, while they hold more cells than the
+        budget; returns how many went."""
+        evicted = 0
+        budget = self.budget()
+        while self.cells() - self.cells(running_only=True) > budget:
+            if not self._evict_lru(freeing=True):
+                break
+            evicted += 1
+        return evicted
+
+    def _adds_something(self, entry: KvEntry) -> bool:
+        return not any(
+            other is not entry and self._covers(other, entry) for other in self.entries.values()
+        )
+
+    @staticmethod
+    def _covers(big: KvEntry, small: KvEntry) -> bool:
+        n = len(small.tokens)
+        return len(big.tokens) >= n and common_prefix(big.tokens, small.tokens, n) == n
+
+    def _drop(self, entry: KvEntry) -> None:
+        self.backend.seq_rm(entry.seq_id)
+        entry.alive = False
+        del self.entries[entry.seq_id]
+        self._free_ids.append(entry.seq_id)
+
+    def drop_all(self) -> None:
+        """Forget every cached entry (the engine failed a step: trust no cell)."""
+        for entry in list(self.entries.values()):
+            if not entry.running:
+                self._drop(entry)
+
+    # ---- matching ----------------------------------------------------------------------
+
+    def match(
+        self, prompt: Sequence[int], exclude: KvEntry | None = None, *, wait: bool = True
+    ) -> Match | None:
+        """The longest prefix of ``prompt`` held by a sequence, leaving at least the last prompt
+        token to decode (its logits start generation).
+
+        A sequence still prefilling counts with the prompt it will hold, when that beats what
+        the KV holds now by ``MIN_WAIT_GAIN`` tokens: then the new request waits for it."""
+        if not self.keep:
+            return None
+        limit = len(prompt) - 1
+        best: Match | None = None
+        best_key = (0, 0)
+        waiting: Match | None = None
+        for entry in self.entries.values():
+            if entry is exclude:
+                continue
+            n = common_prefix(entry.tokens, prompt, limit)
+            key = (n, entry.last_used)
+            if n > 0 and key > best_key:
+                best, best_key = Match(entry, n, True), key
+            planned = entry.planned
+            if wait and planned is not None and len(planned) > len(entry.tokens):
+                m = common_prefix(planned, prompt, limit)
+                if m > n and (waiting is None or m > waiting.length):
+                    waiting = Match(entry, m, False)
+        if waiting is not None and waiting.length >= best_key[0] + MIN_WAIT_GAIN:
+            return waiting
+        return best
+
+    def attach(self, dst: KvEntry, match: Match) -> int:
+        """Share the matched prefix's cells with ``dst`` (empty); returns the tokens attached.
+
+        A cached source that the attached prefix wholly covers is then dropped: ``dst`` holds
+        all of it."""
+        src, n = match.entry, min(match.length, len(match.entry.tokens))
+        if n <= 0 or not src.alive or dst.tokens:
+            return 0
+        self.backend.seq_cp(src.seq_id, dst.seq_id, 0, n)
+        dst.tokens = list(src.tokens[:n])
+        dst.spans = [[o, s, min(e, n)] for o, s, e in src.spans if s < n]
+        now = next(self._clock)
+        src.last_used = now
+        dst.last_used = now
+        if not src.running and n == len(src.tokens):
+            self._drop(src)
+        return n
+
+    # ---- cells -------------------------------------------------------------------------
+
+    def cells(self, running_only: bool = False) -> int:
+        """Cells in use: by every sequence, or by running ones only."""
+        extent: dict[int, list[int]] = {}
+        for entry in self.entries.values():
+            if running_only and not entry.running:
+                continue
+            for origin, start, end in entry.spans:
+                span = extent.get(origin)
+                if span is None:
+                    extent[origin] = [start, end]
+                elif end > span[1]:
+                    span[1] = end
+        return sum(end - start for start, end in extent.values())
+
+    def make_room(self, tokens: int) -> int:
+        """Evict cached entries, least recently used first, until ``tokens`` new cells fit;
+        returns how many were evicted. Running sequences are never touched."""
+        evicted = 0
+        while self.cells() + tokens > self.capacity and self._evict_lru(freeing=True):
+            evicted += 1
+        return evicted
+
+    def evict_one(self) -> bool:
+        """Evict the least recently used cached entry (llama.cpp found no room after all)."""
+        return self._evict_lru()
+
+    def _evict_lru(self, freeing: bool = False) -> bool:
+        cached = sorted(
+            (e for e in self.entries.values() if not e.running), key=lambda e: e.last_used
+        )
+        if freeing:
+            # An entry whose cells all live on in other sequences frees nothing.
+            cached = [e for e in cached if self._exclusive_cells(e) > 0] or cached
+        if not cached:
+            return False
+        self._drop(cached[0])
+        if self.on_evict is not None:
+            self.on_evict()
+        return True
+
+    def _exclusive_cells(self, entry: KvEntry) -> int:
+        others: dict[int, int] = {}
+        for other in self.entries.values():
+            if other is entry:
+                continue
+            for origin, _, end in other.spans:
+                if end > others.get(origin, -1):
+                    others[origin] = end
+        return sum(
+            max(0, end - max(start, others.get(origin, start)))
+            for origin, start, end in entry.spans
+        )
