@@ -33,7 +33,7 @@ test-unit: setup ## only the tests that need no cluster, Prometheus or Docker im
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy server/llamaherd_server operator/llamaherd_operator
+	$(VENV)/bin/mypy server/llamaherd_server operator/llamaherd_operator gateway/llamaherd_gateway
 
 simulate: setup ## replay arrival traces through the autoscaling policy (simulator/results)
 	for trace in spike ramp diurnal oscillating; do $(PY) -m simulator.fleet --trace $$trace; done

@@ -20,6 +20,7 @@ import pytest
 
 from e2e.kube import LHIS, Kube, KubeError, event_time, wait_for
 from e2e.support import (
+    GATEWAY_SELECTOR,
     OPERATOR_SELECTOR,
     RELEASE_NAMESPACE,
     Models,
@@ -234,6 +235,8 @@ def dump_state(kube: Kube, namespaces: list[str]) -> str:
     )
     for pod in _pods_or_empty(kube, RELEASE_NAMESPACE, OPERATOR_SELECTOR):
         parts.extend(_pod_logs(kube, pod, tail=400))
+    for pod in _pods_or_empty(kube, RELEASE_NAMESPACE, GATEWAY_SELECTOR):
+        parts.extend(_pod_logs(kube, pod, tail=200))
     return "".join(parts)
 
 

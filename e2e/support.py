@@ -21,6 +21,13 @@ OPERATOR_SELECTOR = (
     "app.kubernetes.io/component=operator"
 )
 PROMETHEUS_DEPLOYMENT = "llamaherd-prometheus"
+# The gateway (gateway.enabled in examples/helm/kind-values.yaml).
+GATEWAY_SERVICE = "llamaherd-gateway"
+GATEWAY_SELECTOR = (
+    "app.kubernetes.io/name=llamaherd-gateway,app.kubernetes.io/instance=llamaherd,"
+    "app.kubernetes.io/component=gateway"
+)
+GATEWAY_URL = f"http://{GATEWAY_SERVICE}.{RELEASE_NAMESPACE}.svc.cluster.local:80"
 
 MODELS_NAMESPACE = "llamaherd-e2e-models"
 MODEL_FILES = ("tiny.gguf", "small.gguf", "not-a-gguf.gguf")

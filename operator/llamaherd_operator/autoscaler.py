@@ -56,6 +56,7 @@ from llamaherd_operator.prom import (
     MetricsUnavailable,
     PrometheusClient,
     Queries,
+    held_query,
     prometheus_url_allowed,
     selector_for,
 )
@@ -159,9 +160,20 @@ async def autoscale_once(
             state.metrics.query_errors.inc()
         finally:
             state.metrics.query_duration.observe(time.perf_counter() - started)
+        held = 0.0
+        try:  # the gateway's held requests: demand, and the reason to leave zero
+            held = await state.prometheus.held_requests(url, held_query(*key))
+        except MetricsUnavailable as exc:
+            log.debug("no held requests for %s/%s: %s", *key, exc)
         history = state.histories.setdefault(key, History())
         decision = decide(
-            signals, current, time.monotonic(), scaling, history, unavailable_reason=error
+            signals,
+            current,
+            time.monotonic(),
+            scaling,
+            history,
+            unavailable_reason=error,
+            held=held,
         )
     state.metrics.decisions.labels(direction=decision.direction).inc()
     labels = {"namespace": key[0], "inferenceservice": key[1]}

@@ -25,7 +25,13 @@ The rules, in order:
    the (default 0 s) scale-up stabilization window: the lowest recommendation in that window.
 5. **Scale down slowly**: the highest recommendation in the scale-down stabilization window
    (default 300 s); and never while any pod is not ready yet (cold start).
-6. Clamp to [minReplicas, maxReplicas].
+6. Clamp to [minReplicas, maxReplicas]; rules 2-5 never go below one replica.
+7. **Scale to zero** (``minReplicas: 0`` only): a service with every pod ready and no waiting,
+   running, recently finished or gateway-held request for ``scaleToZeroIdleSeconds`` goes to
+   zero (reason ``ScaledToZero``). At zero it stays there until a request is held for it by the
+   gateway (the gateway raises it to one itself; the autoscaler does too, ``ScaleFromZero``).
+   Held requests count as waiting demand in rule 2, and a pod still loading is never scaled
+   away (no data and not-ready pods hold the current size).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class ScalingSpec:
     slots: int = 8
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 300.0
+    scale_to_zero_idle_s: float = 600.0
     tolerance: float = TOLERANCE
 
     @classmethod
@@ -68,6 +75,7 @@ class ScalingSpec:
             slots=int(server.get("slots", 8)),
             scale_up_stabilization_s=float(a.get("scaleUpStabilizationSeconds", 0)),
             scale_down_stabilization_s=float(a.get("scaleDownStabilizationSeconds", 300)),
+            scale_to_zero_idle_s=float(a.get("scaleToZeroIdleSeconds", 600)),
         )
 
     def clamp(self, replicas: int) -> int:
@@ -83,6 +91,7 @@ class Metrics:
     ready: int  # pods that report ready
     latency_p95_s: float | None = None
     ttft_p95_s: float | None = None
+    recent: float = 0.0  # requests finished within the metrics window
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class History:
     """Recommendations of earlier periods, for the stabilization windows."""
 
     entries: deque[tuple[float, int]] = field(default_factory=deque)
+    idle_since: float | None = None  # since when no request waits, runs or is held
 
     def add(self, now: float, recommendation: int, keep_s: float) -> None:
         self.entries.append((now, recommendation))
@@ -134,9 +144,16 @@ def decide(
     history: History,
     *,
     unavailable_reason: str = "no metrics",
+    held: float = 0.0,
 ) -> Decision:
-    """The desired replicas for this period. ``history`` is updated in place."""
+    """The desired replicas for this period. ``history`` is updated in place. ``held``: the
+    requests the gateway holds for the service (no ready replica yet)."""
     clamped = spec.clamp(current)
+    if current == 0 and clamped == 0:
+        history.idle_since = None
+        if held > 0:
+            return Decision(1, 0, "ScaleFromZero", f"0 -> 1: the gateway holds {held:g} requests")
+        return Decision(0, 0, "ScaledToZero", "at zero replicas: no request is held for it")
     if metrics is None or metrics.ready <= 0:
         why = unavailable_reason if metrics is None else "no ready pod reports metrics yet"
         return Decision(
@@ -148,7 +165,23 @@ def decide(
         )
 
     ready = min(metrics.ready, current) if current > 0 else metrics.ready
-    per_pod_waiting = metrics.waiting / ready
+    if spec.min_replicas == 0 and metrics.waiting + metrics.running + metrics.recent + held <= 0:
+        if history.idle_since is None:
+            history.idle_since = now
+        idle_for = now - history.idle_since
+        if idle_for >= spec.scale_to_zero_idle_s and metrics.ready >= current > 0:
+            history.idle_since = None
+            return Decision(
+                0,
+                current,
+                "ScaledToZero",
+                f"{current} -> 0: no request waited, ran or was held for {idle_for:.0f}s "
+                f"(scaleToZeroIdleSeconds {spec.scale_to_zero_idle_s:g})",
+            )
+    else:
+        history.idle_since = None
+    waiting = metrics.waiting + held
+    per_pod_waiting = waiting / ready
     signals = {
         "queue": signal_recommendation(
             ready, per_pod_waiting, spec.target_queue_depth, spec.tolerance
@@ -162,7 +195,7 @@ def decide(
             ready, metrics.latency_p95_s, spec.target_latency_p95_s, spec.tolerance
         )
     driver = max(signals, key=lambda k: signals[k])
-    recommendation = spec.clamp(max(signals.values()))
+    recommendation = max(1, spec.clamp(max(signals.values())))
     keep = max(spec.scale_down_stabilization_s, spec.scale_up_stabilization_s)
     if not history.entries:
         # A fresh history (new service or operator restart) counts as having recommended
@@ -171,14 +204,14 @@ def decide(
     history.add(now, recommendation, keep)
     burst = per_pod_waiting >= BURST_FACTOR * spec.target_queue_depth
     numbers = (
-        f"waiting {metrics.waiting:g} ({per_pod_waiting:.2f}/pod, target "
+        f"waiting {waiting:g} ({per_pod_waiting:.2f}/pod, target "
         f"{spec.target_queue_depth:g}), running {metrics.running:g}, ready {metrics.ready}"
         + (f", p95 {metrics.latency_p95_s * 1000:.0f}ms" if metrics.latency_p95_s else "")
     )
 
     def decision(desired: int, reason: str, what: str) -> Decision:
         return Decision(
-            spec.clamp(desired),
+            max(1, spec.clamp(desired)),
             current,
             reason,
             f"{what}: {numbers}",

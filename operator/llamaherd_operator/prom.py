@@ -18,6 +18,7 @@ from llamaherd_server import metrics as names
 from .policy import Metrics
 
 DEFAULT_SELECTOR = 'namespace="{namespace}",service="{name}"'
+GATEWAY_REQUESTS_HELD = "llamaherd_gateway_requests_held"  # llamaherd_gateway.metrics
 
 
 class MetricsUnavailable(Exception):
@@ -32,6 +33,7 @@ class Queries:
     freshness: str
     latency_p95: str
     ttft_p95: str
+    recent: str = ""
 
     @classmethod
     def for_selector(cls, selector: str, window_s: int) -> Queries:
@@ -50,6 +52,7 @@ class Queries:
             freshness=f"max(timestamp({names.REQUESTS_RUNNING}{sel}))",
             latency_p95=p95(names.REQUEST_LATENCY),
             ttft_p95=p95(names.TIME_TO_FIRST_TOKEN),
+            recent=f"sum(increase({names.REQUESTS}_total{sel}[{window}]))",
         )
 
     def all(self) -> list[str]:
@@ -60,6 +63,7 @@ class Queries:
             self.freshness,
             self.latency_p95,
             self.ttft_p95,
+            self.recent,
         ]
 
 
@@ -86,6 +90,14 @@ def prometheus_url_allowed(url: str, default_url: str, allowed: list[str]) -> bo
 
 def selector_for(template: str, namespace: str, name: str) -> str:
     return template.format(namespace=namespace, name=name)
+
+
+def held_query(namespace: str, name: str) -> str:
+    """The requests the gateways hold for one InferenceService (the gateway's metric
+    ``llamaherd_gateway_requests_held``, labelled with the service it waits for)."""
+    return (
+        f'sum({GATEWAY_REQUESTS_HELD}{{target_namespace="{namespace}",inferenceservice="{name}"}})'
+    )
 
 
 class PrometheusClient:
@@ -121,7 +133,7 @@ class PrometheusClient:
         now: float | None = None,
     ) -> Metrics:
         values = await asyncio.gather(*(self.scalar(base_url, q) for q in queries.all()))
-        waiting, running, ready, fresh, latency, ttft = values
+        waiting, running, ready, fresh, latency, ttft, recent = values
         if running is None or fresh is None:
             raise MetricsUnavailable("no series yet for the service's pods")
         age = (time.time() if now is None else now) - fresh
@@ -133,7 +145,12 @@ class PrometheusClient:
             ready=int(ready or 0),
             latency_p95_s=_finite(latency),
             ttft_p95_s=_finite(ttft),
+            recent=_finite(recent) or 0.0,
         )
+
+    async def held_requests(self, base_url: str, query: str) -> float:
+        """Requests the gateway holds for a service (0 when no gateway reports any)."""
+        return _finite(await self.scalar(base_url, query)) or 0.0
 
 
 def _finite(value: float | None) -> float | None:

@@ -20,8 +20,9 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from llamaherd_gateway import metrics as gateway_metrics
 from llamaherd_operator import metrics as operator_metrics
-from llamaherd_operator.prom import DEFAULT_SELECTOR, Queries, selector_for
+from llamaherd_operator.prom import DEFAULT_SELECTOR, Queries, held_query, selector_for
 from llamaherd_server import metrics as server_metrics
 from tests.chart.conftest import VALUES, Objects
 from tests.chart.promql import PromQLSyntaxError, metric_names, tokens
@@ -79,7 +80,8 @@ def alert_exprs(render: Callable[..., Objects]) -> list[str]:
 
 
 def operator_exprs() -> list[str]:
-    return Queries.for_selector(selector_for(DEFAULT_SELECTOR, "ns", "svc"), 60).all()
+    queries = Queries.for_selector(selector_for(DEFAULT_SELECTOR, "ns", "svc"), 60).all()
+    return [*queries, held_query("ns", "svc")]
 
 
 def used_names(exprs: list[str]) -> set[str]:
@@ -102,6 +104,7 @@ def contract_series() -> set[str]:
     registries = [
         server_metrics.ServerMetrics(slots=1).registry,
         operator_metrics.OperatorMetrics().registry,
+        gateway_metrics.GatewayMetrics().registry,
     ]
     return series_names(family for r in registries for family in r.collect())
 
@@ -166,8 +169,12 @@ def test_every_source_reads_llamaherd_metrics(sources: dict[str, set[str]]) -> N
 
 @pytest.mark.tools
 def test_names_are_in_the_contract_modules(sources: dict[str, set[str]]) -> None:
-    exported = server_metrics.exported_names() | operator_metrics.exported_names()
-    check(sources, exported, "server or operator exported_names()")
+    exported = (
+        server_metrics.exported_names()
+        | operator_metrics.exported_names()
+        | gateway_metrics.exported_names()
+    )
+    check(sources, exported, "server, operator or gateway exported_names()")
     check(sources, contract_series(), "the series the two registries can show")
 
 
@@ -206,11 +213,18 @@ def test_names_are_in_a_scrape_of_a_real_server(
         s.name for family in text_string_to_metric_families(text) for s in family.samples
     }
     server_used = {
-        source: {n for n in names if not n.startswith("llamaherd_operator_")}
+        source: {
+            n for n in names if not n.startswith(("llamaherd_operator_", "llamaherd_gateway_"))
+        }
         for source, names in sources.items()
     }
     check(server_used, sample_names, "the samples of a real server's /metrics")
-    check(sources, scraped | operator_series, "a real server's and the operator's /metrics")
+    gateway_series = gateway_metrics.exported_names()
+    check(
+        sources,
+        scraped | operator_series | gateway_series,
+        "a real server's, the operator's and the gateway's /metrics",
+    )
 
 
 # --- PromQL that Prometheus itself parses -------------------------------------------------------
@@ -340,10 +354,36 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
                         ],
                     },
                     {"eval_time": "5m", "alertname": "LlamaherdQueueDepthHigh", "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "LlamaherdGatewayHoldsFail",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "namespace": "gw",
+                                    "model": "m",
+                                }
+                            }
+                        ],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "LlamaherdGatewayUpstreamUnavailable",
+                        "exp_alerts": [],
+                    },
                 ],
             }
         ],
     }
+    # a gateway turning requests away with 503 (holds timing out) for 30 minutes; every other
+    # outcome flat
+    gateway = 'llamaherd_gateway_requests_total{namespace="gw",model="m",outcome="%s"}'
+    tests["tests"][0]["input_series"] += [  # type: ignore[index]
+        {"series": gateway % "hold_timeout", "values": "0+2x30"},
+        {"series": gateway % "unavailable", "values": "0x30"},
+        {"series": gateway % "ok", "values": "0+5x30"},
+    ]
     path = tmp_path / "alerts-test.yaml"
     path.write_text(yaml.safe_dump(tests, sort_keys=False))
     proc = promtool("test", "rules", str(path))

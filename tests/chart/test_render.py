@@ -62,8 +62,13 @@ def component(obj: dict[str, Any]) -> str | None:
 
 
 def without_prometheus(objects: Objects) -> Objects:
-    """The objects of everything but the in-cluster Prometheus (prometheus.enabled)."""
-    return [o for o in objects if component(o) != "prometheus"]
+    """The operator's objects: everything but the in-cluster Prometheus (prometheus.enabled)
+    and the gateway (gateway.enabled)."""
+    return [o for o in objects if component(o) not in ("prometheus", "gateway")]
+
+
+def gateway_objects(objects: Objects) -> Objects:
+    return [o for o in objects if component(o) == "gateway"]
 
 
 def prometheus_objects(objects: Objects) -> Objects:
@@ -518,8 +523,15 @@ RULE_SCHEMA = {
 @pytest.mark.tools
 def test_monitoring_objects_are_structurally_sound(render: Callable[..., Objects]) -> None:
     objects = render(VALUES["all-on"])
-    service_monitor = one(objects, "ServiceMonitor")
+    service_monitor = one(without_prometheus(objects), "ServiceMonitor")
     pod_monitor = one(objects, "PodMonitor")
+    gateway_monitor = one(gateway_objects(objects), "ServiceMonitor")
+    jsonschema.Draft202012Validator(_monitor_schema("endpoints")).validate(gateway_monitor)
+    gateway_service = one(gateway_objects(objects), "Service")
+    assert (
+        gateway_monitor["spec"]["selector"]["matchLabels"] == (gateway_service["spec"]["selector"])
+    )
+    assert gateway_monitor["spec"]["endpoints"][0]["port"] == "http"
     jsonschema.Draft202012Validator(_monitor_schema("endpoints")).validate(service_monitor)
     jsonschema.Draft202012Validator(_monitor_schema("podMetricsEndpoints")).validate(pod_monitor)
     jsonschema.Draft202012Validator(RULE_SCHEMA).validate(one(objects, "PrometheusRule"))
@@ -556,6 +568,8 @@ def test_alerts_cover_the_issue(render: Callable[..., Objects]) -> None:
         "LlamaherdServerRestarting",
         "LlamaherdMetricsAbsent",
         "LlamaherdOperatorMetricsAbsent",
+        "LlamaherdGatewayHoldsFail",
+        "LlamaherdGatewayUpstreamUnavailable",
     } <= set(alerts)
     assert alerts["LlamaherdQueueDepthHigh"]["labels"]["team"] == "inference"
     assert "absent(" in alerts["LlamaherdOperatorMetricsAbsent"]["expr"]
@@ -1103,3 +1117,126 @@ def test_rbac_reads_horizontal_pod_autoscalers() -> None:
         and {"get", "list"} <= set(r["verbs"])
         for r in rules
     )
+
+
+# --- the gateway ---------------------------------------------------------------------------------
+
+
+@pytest.mark.tools
+def test_gateway_is_off_by_default_and_complete_when_on(render: Callable[..., Objects]) -> None:
+    for values in (None, VALUES["minimal"]):
+        assert not gateway_objects(render(values))
+    on = gateway_objects(render(None, "--set", "gateway.enabled=true"))
+    assert sorted(o["kind"] for o in on) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    for obj in on:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+@values_cases
+@pytest.mark.tools
+def test_gateway_deployment_service_and_rbac(
+    render: Callable[..., Objects], values: Path | None
+) -> None:
+    from llamaherd_gateway.settings import ENV_PREFIX as GATEWAY_PREFIX
+    from llamaherd_gateway.settings import GatewaySettings
+
+    objects = render(values, "--set", "gateway.enabled=true")
+    gateway = gateway_objects(objects)
+    deployment = one(gateway, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "llamaherd_gateway"]
+    # same image as the operator: the gateway ships in the operator's image
+    operator = one(without_prometheus(objects), "Deployment")
+    assert container["image"] == operator["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    known = {GATEWAY_PREFIX + name.upper() for name in GatewaySettings.model_fields}
+    assert set(env) <= known, set(env) - known
+    GatewaySettings(**{k[len(GATEWAY_PREFIX) :].lower(): v for k, v in env.items()})
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == int(env["LLAMAHERD_GATEWAY_PORT"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # its pods are its own: the operator's selectors never pick them, nor its the operator's
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    operator_selector = operator["spec"]["selector"]["matchLabels"]
+    assert not operator_selector.items() <= labels.items()
+    if values == VALUES["all-on"]:  # the API keys from a Secret, as a file that can change
+        assert env["LLAMAHERD_GATEWAY_API_KEYS_FILE"] == "/etc/llamaherd-gateway/api-keys/keys"
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+        assert volume["secret"] == {
+            "secretName": "gateway-keys",
+            "items": [{"key": "keys.txt", "path": "keys"}],
+        }
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+        assert "subPath" not in mount and mount["readOnly"] is True
+    else:
+        assert "LLAMAHERD_GATEWAY_API_KEYS_FILE" not in env
+    service = one(gateway, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # RBAC: read InferenceServices and EndpointSlices, patch the scale subresource; no more
+    account = one(gateway, "ServiceAccount")["metadata"]["name"]
+    assert pod["serviceAccountName"] == account
+    roles = by_kind(gateway, "Role") or by_kind(gateway, "ClusterRole")
+    for role in roles:
+        grants = {
+            (group, resource, verb)
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        assert grants == {
+            ("llamaherd.io", "inferenceservices", "get"),
+            ("llamaherd.io", "inferenceservices", "list"),
+            ("llamaherd.io", "inferenceservices", "watch"),
+            ("llamaherd.io", "inferenceservices/scale", "get"),
+            ("llamaherd.io", "inferenceservices/scale", "patch"),
+            ("discovery.k8s.io", "endpointslices", "get"),
+            ("discovery.k8s.io", "endpointslices", "list"),
+            ("discovery.k8s.io", "endpointslices", "watch"),
+        }
+    namespaces = [n for n in env["LLAMAHERD_GATEWAY_NAMESPACES"].split(",") if n]
+    if namespaces:
+        assert sorted(r["metadata"]["namespace"] for r in by_kind(gateway, "Role")) == sorted(
+            namespaces
+        )
+        assert not by_kind(gateway, "ClusterRole")
+    else:
+        assert len(by_kind(gateway, "ClusterRole")) == 1
+
+
+@pytest.mark.tools
+def test_in_cluster_prometheus_scrapes_the_gateway(render: Callable[..., Objects]) -> None:
+    objects = render(None, "--set", "gateway.enabled=true", "--set", "prometheus.enabled=true")
+    config_map = one(prometheus_objects(objects), "ConfigMap")
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "llamaherd-gateway"]
+    keep = job["relabel_configs"][0]
+    labels = one(gateway_objects(objects), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert keep["source_labels"] == [
+        "__meta_kubernetes_pod_label_app_kubernetes_io_name",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_instance",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component",
+    ]
+    assert keep["regex"] == ";".join(
+        labels[f"app.kubernetes.io/{key}"] for key in ("name", "instance", "component")
+    )
+    deployment = one(prometheus_objects(objects), "Deployment")
+    sidecar = next(
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "discovery"
+    )
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    selector = dict(item.split("=") for item in env["GATEWAY_SELECTOR"].split(","))
+    assert selector.items() <= labels.items()
+    off = render(None, "--set", "prometheus.enabled=true")
+    config = yaml.safe_load(one(prometheus_objects(off), "ConfigMap")["data"]["prometheus.yml"])
+    assert "llamaherd-gateway" not in {j["job_name"] for j in config["scrape_configs"]}

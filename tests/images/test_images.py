@@ -198,11 +198,13 @@ def test_server_container_serves_a_mounted_model(server_container: tuple[str, st
 
 
 def test_operator_image_imports_as_non_root(operator_image: dict) -> None:
+    """The operator and the gateway (the chart runs it from this image) both import."""
     config = operator_image["Config"]
     assert is_non_root(config["User"]), config["User"]
     assert config["Entrypoint"] == ["python", "-m", "llamaherd_operator"]
     probe = (
         "import importlib.util, os, kopf, lightkube, llamaherd_operator.__main__; "
+        "import aiohttp, uvicorn, uvloop, httptools, llamaherd_gateway.__main__; "
         "assert importlib.util.find_spec('llama_cpp') is None, 'llama-cpp-python installed'; "
         "print(os.getuid())"
     )

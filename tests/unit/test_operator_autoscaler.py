@@ -110,9 +110,15 @@ def test_the_fake_has_the_kube_modules_signatures() -> None:
 
 
 class FakePrometheus:
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, held: float = 0.0) -> None:
         self.urls: list[str] = []
         self.metrics = metrics
+        self.held = held
+        self.held_queries: list[str] = []
+
+    async def held_requests(self, url: str, query: str) -> float:
+        self.held_queries.append(query)
+        return self.held
 
     async def service_metrics(self, url: str, queries: Any, **_: Any) -> Any:
         self.urls.append(url)
@@ -262,3 +268,16 @@ def test_bad_service_monitor_labels_fail_at_start(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("LLAMAHERD_OPERATOR_SERVICE_MONITOR_LABELS", "release")
     with pytest.raises(ValueError, match="key=value"):
         OperatorSettings()
+
+
+def test_held_requests_are_queried_for_the_service_and_wake_it_from_zero() -> None:
+    prom = FakePrometheus(None, held=2)
+    kube = FakeKube()
+    body = service(enabled=True, minReplicas=0, maxReplicas=3)
+    body["spec"]["replicas"] = 0
+    decision = asyncio.run(autoscaler.autoscale_once(body, state(prom), kube))  # type: ignore[arg-type]
+    assert decision is not None and (decision.desired, decision.reason) == (1, "ScaleFromZero")
+    assert kube.scaled == [("ns", "chat", 1)]
+    assert prom.held_queries == [
+        'sum(llamaherd_gateway_requests_held{target_namespace="ns",inferenceservice="chat"})'
+    ]

@@ -289,3 +289,77 @@ def test_more_load_never_gives_fewer_replicas(
     d_low = decide(low, current, 600.0, spec, copy.deepcopy(history))
     d_high = decide(high, current, 600.0, spec, copy.deepcopy(history))
     assert d_high.desired >= d_low.desired, (d_low, d_high)
+
+
+# ---- scale to zero (minReplicas 0) ----------------------------------------------------------
+
+ZERO = ScalingSpec(min_replicas=0, max_replicas=4, scale_to_zero_idle_s=600, slots=8)
+IDLE = Metrics(waiting=0, running=0, ready=1)
+
+
+def test_idle_service_goes_to_zero_after_the_idle_time_only() -> None:
+    history = History()
+    assert decide(IDLE, 1, 0.0, ZERO, history).desired == 1
+    assert decide(IDLE, 1, 599.0, ZERO, history).desired == 1
+    last = decide(IDLE, 1, 600.0, ZERO, history)
+    assert (last.desired, last.reason) == (0, "ScaledToZero")
+    assert "600s" in last.message
+
+
+def test_any_request_restarts_the_idle_clock() -> None:
+    history = History()
+    decide(IDLE, 1, 0.0, ZERO, history)
+    busy = Metrics(waiting=0, running=1, ready=1)
+    assert decide(busy, 1, 300.0, ZERO, history).desired == 1
+    recent = Metrics(waiting=0, running=0, ready=1, recent=2.0)  # finished between samples
+    assert decide(recent, 1, 400.0, ZERO, history).desired == 1
+    assert decide(IDLE, 1, 500.0, ZERO, history).desired == 1
+    assert decide(IDLE, 1, 1099.0, ZERO, history).desired == 1
+    assert decide(IDLE, 1, 1100.0, ZERO, history).desired == 0
+
+
+def test_held_requests_keep_a_service_up_and_count_as_waiting() -> None:
+    history = History()
+    for t in (0.0, 700.0, 1400.0):
+        assert decide(IDLE, 1, t, ZERO, history, held=1).desired == 1
+    burst = decide(IDLE, 1, 1500.0, ZERO, history, held=20)
+    assert burst.desired > 1 and "waiting 20" in burst.message
+
+
+def test_normal_scale_down_never_reaches_zero() -> None:
+    spec = ScalingSpec(
+        min_replicas=0, max_replicas=4, scale_down_stabilization_s=0, scale_to_zero_idle_s=10**5
+    )
+    history, current, trace = History(), 2, []
+    for t in (0.0, 15.0, 30.0, 45.0):
+        current = decide(
+            Metrics(waiting=0, running=0, ready=current), current, t, spec, history
+        ).desired
+        trace.append(current)
+    assert trace[-1] == 1 and min(trace) == 1
+
+
+def test_a_loading_pod_is_never_scaled_away() -> None:
+    history = History()
+    loading = Metrics(waiting=0, running=0, ready=0)
+    for t in (0.0, 700.0, 1400.0):
+        d = decide(loading, 1, t, ZERO, history)
+        assert d.desired == 1 and not d.scaling_active
+    # one of two pods still loading: no scale to zero either
+    for t in (2000.0, 2700.0):
+        assert decide(IDLE, 2, t, ZERO, history).desired >= 1
+
+
+def test_at_zero_the_service_stays_until_a_request_is_held() -> None:
+    history = History()
+    rest = decide(None, 0, 0.0, ZERO, history)
+    assert (rest.desired, rest.reason) == (0, "ScaledToZero")
+    wake = decide(None, 0, 15.0, ZERO, history, held=3)
+    assert (wake.desired, wake.reason) == (1, "ScaleFromZero")
+
+
+def test_scale_to_zero_idle_from_the_resource() -> None:
+    spec = ScalingSpec.from_resource(
+        {"autoscaling": {"minReplicas": 0, "maxReplicas": 2, "scaleToZeroIdleSeconds": 45}}
+    )
+    assert (spec.min_replicas, spec.scale_to_zero_idle_s) == (0, 45.0)

@@ -7,7 +7,8 @@ kubernetes_sd_configs would: prometheus.yml's relabel rules keep and label the t
 with Kubernetes discovery. Standard library only; runs in the operator image.
 
 Environment: DISCOVERY_OUTPUT (a folder), DISCOVERY_INTERVAL_SECONDS, SERVER_NAMESPACES (comma
-list; empty = every namespace), SERVER_SELECTOR, OPERATOR_NAMESPACE, OPERATOR_SELECTOR.
+list; empty = every namespace), SERVER_SELECTOR, OPERATOR_NAMESPACE, OPERATOR_SELECTOR,
+GATEWAY_SELECTOR (optional: the gateway's pods in OPERATOR_NAMESPACE).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def discover_once(api: Api, env: dict[str, str]) -> None:
         ],
         "llamaherd-operator": [(env["OPERATOR_NAMESPACE"], env["OPERATOR_SELECTOR"])],
     }
+    if env.get("GATEWAY_SELECTOR"):  # the gateway's pods, in the release namespace
+        jobs["llamaherd-gateway"] = [(env["OPERATOR_NAMESPACE"], env["GATEWAY_SELECTOR"])]
     for job, queries in jobs.items():
         groups = [g for ns, sel in queries for pod in api.pods(ns, sel) for g in pod_targets(pod)]
         write(env["DISCOVERY_OUTPUT"], job, groups)

@@ -113,3 +113,29 @@ empty when it reads the whole cluster. */}}
 {{- toYaml (uniq (append . $.Release.Namespace)) }}
 {{- end }}
 {{- end }}
+
+{{/* The gateway (gateway.enabled): its object names and labels. */}}
+{{- define "llamaherd.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "llamaherd.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Its own app.kubernetes.io/name, so that the operator's selectors never pick its pods. */}}
+{{- define "llamaherd.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-gateway" (include "llamaherd.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "llamaherd.gateway.labels" -}}
+helm.sh/chart: {{ include "llamaherd.chart" . }}
+{{ include "llamaherd.gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: llamaherd
+{{- end }}
+
+{{/* Namespaces the gateway routes to: gateway.watchNamespaces, else operator.watchNamespaces
+(empty: the whole cluster). */}}
+{{- define "llamaherd.gateway.namespaces" -}}
+{{- toYaml (default .Values.operator.watchNamespaces .Values.gateway.watchNamespaces) }}
+{{- end }}

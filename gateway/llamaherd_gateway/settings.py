@@ -1,0 +1,130 @@
+"""Gateway settings: one pydantic-settings model, read from ``LLAMAHERD_GATEWAY_*`` variables
+and CLI flags alike (``--hold-timeout-seconds 60`` or ``LLAMAHERD_GATEWAY_HOLD_TIMEOUT_SECONDS``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LLAMAHERD_GATEWAY_"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port to listen on.")
+    namespaces: str = Field(
+        default="",
+        description="Comma-separated namespaces whose InferenceServices the gateway serves; "
+        "empty watches the whole cluster.",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description="Event loop: uvloop when installed (auto), or asyncio's own. uvloop, and "
+        "httptools for HTTP parsing (used by uvicorn when installed), cut the CPU per "
+        "streamed token.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one per line (a mounted Secret); when set, every /v1/ "
+        "request needs 'Authorization: Bearer <one of them>' (401 otherwise). The file is read "
+        "again when it changes. The header still goes on to the replica.",
+    )
+    # ---- holding requests for a service with no ready replica ----
+    hold_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="Longest a request waits for a ready replica (scale from zero, a cold "
+        "start) before it gets 503 with Retry-After. Separate from generation timeouts: once "
+        "forwarded, a request runs as long as the server lets it.",
+    )
+    max_held_requests: int = Field(
+        default=256,
+        ge=0,
+        le=100_000,
+        description="Most requests held at once by this gateway replica, all models together; "
+        "one more gets 503 with Retry-After.",
+    )
+    retry_after_seconds: int = Field(
+        default=10, ge=1, le=3600, description="The Retry-After of a 503 from the gateway."
+    )
+    scale_from_zero: bool = Field(
+        default=True,
+        description="Raise a service at zero replicas to one (its scale subresource) when a "
+        "request for it comes; false holds the request until someone else scales it.",
+    )
+    # ---- picking a replica ----
+    affinity_prefix_chars: int = Field(
+        default=512,
+        ge=0,
+        le=1_000_000,
+        description="Characters at the start of the prompt (chat: system prompt and first user "
+        "message) that pick the replica by consistent hash; 0 turns prefix affinity off.",
+    )
+    affinity_load_factor: float = Field(
+        default=0.5,
+        ge=0,
+        le=100,
+        description="c in the bounded-load rule: the affinity replica is skipped when its "
+        "outstanding requests would exceed (1 + c) x the mean over the service's replicas.",
+    )
+    load_poll_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="How often the gateway reads each replica's reported queue (waiting and "
+        "running requests from its /metrics), so that requests sent by other gateway "
+        "replicas or straight to the Service count in the load; 0 counts only its own.",
+    )
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Other replicas tried when a connection is refused or reset before the "
+        "first response byte; never after the response started.",
+    )
+    # ---- upstream ----
+    connect_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=120, description="Timeout of one connection to a replica."
+    )
+    upstream_timeout_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        le=86400,
+        description="Longest wait for the next bytes from a replica (a whole non-streaming "
+        "generation included).",
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, le=100_000, description="Most open connections to all replicas."
+    )
+    # ---- Kubernetes ----
+    request_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=600, description="Timeout of one Kubernetes API request."
+    )
+    watch_server_timeout_seconds: int = Field(
+        default=300,
+        ge=10,
+        le=3600,
+        description="Server-side timeout of a watch request: watches are renewed this often.",
+    )
+    resync_interval_seconds: float = Field(
+        default=600.0,
+        ge=5,
+        le=86400,
+        description="How often the InferenceServices and EndpointSlices are listed again in "
+        "full, whatever the watches said.",
+    )
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [item.strip() for item in self.namespaces.split(",") if item.strip()]
