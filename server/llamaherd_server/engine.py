@@ -290,6 +290,9 @@ class Engine:
             ids=self.sequences,
             capacity=slots * context_size,
             keep=prefix_cache,
+            # Always room for one slot's worth of cached prompts, where the first repeats
+            # find their prefixes; beyond it, the cache earns its room (see kvcache).
+            floor=context_size,
             on_evict=metrics.prefix_cache_evictions.inc,
         )
         self._loaded = False
@@ -643,7 +646,7 @@ class Engine:
                     seq.wait = match
             # A wait counts as a hit: the prefix will be attached, not prefilled.
             expected = match.length if match is not None else 0
-            self.kv.admitted(len(req.prompt_tokens), expected)
+            self.kv.admitted(req.prompt_tokens, expected)
         self.metrics.requests_running.set(len(self._running))
 
     def _attach(self, seq: _Sequence, match: Match) -> None:

@@ -25,8 +25,10 @@ origin, the furthest end minus that start.
 Cached cells are not free: llama.cpp's attention scans every cell up to the highest one in use
 for each query of each step, masked or not. So the cache holds only as many cells as it earns:
 its budget is the capacity times the recent share of prompt tokens it served (an exponential
-average over admissions). Traffic that repeats itself keeps a full cache; traffic that never
-does keeps a few prompts and pays next to nothing for them.
+average over admissions). Evicted entries leave their tokens behind as *ghosts* (no KV): a prompt
+that a ghost would have served counts as a hit too, so a cache that was too small to hold what
+repeats grows back. Traffic that repeats itself keeps a full cache; traffic that never does
+keeps next to nothing and pays next to nothing.
 
 All of it runs on the scheduler thread only.
 """
@@ -34,6 +36,7 @@ All of it runs on the scheduler thread only.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -131,6 +134,7 @@ class KvPool:
         ids: int,
         capacity: int,
         keep: bool,
+        floor: int = 0,
         on_evict: Callable[[], object] | None = None,
     ) -> None:
         self.backend = backend
@@ -141,9 +145,12 @@ class KvPool:
         self.entries: dict[int, KvEntry] = {}
         self._origins = itertools.count(1)
         self._clock = itertools.count(1)
-        # Recent share of admitted prompt tokens served from the cache; optimistic at first,
-        # so that a new server fills its cache before it judges it.
-        self.hit_share = 1.0
+        # Recent share of admitted prompt tokens served (or, by a ghost, servable) from the
+        # cache. It starts at nothing: the cache starts with its ``floor``, and repeats (real
+        # hits or ghosts) earn it more.
+        self.hit_share = 0.0
+        self.floor = floor
+        self._ghosts: deque[list[int]] = deque(maxlen=ids)
 
     # ---- ids ---------------------------------------------------------------------------
 
@@ -174,15 +181,18 @@ class KvPool:
                 self._drop(other)
         self.trim()
 
-    def admitted(self, prompt_tokens: int, cached: int) -> None:
-        """A request was admitted with ``cached`` of its prompt tokens from the cache."""
-        if prompt_tokens > 0:
-            share = cached / prompt_tokens
-            self.hit_share += HIT_SMOOTHING * (share - self.hit_share)
+    def admitted(self, prompt: Sequence[int], cached: int) -> None:
+        """A request was admitted with ``cached`` of its prompt tokens from the cache (or
+        from a sequence still prefilling them); a ghost may say more would have been."""
+        if not prompt or not self.keep:
+            return
+        limit = len(prompt) - 1
+        servable = max([cached, *(common_prefix(g, prompt, limit) for g in self._ghosts)])
+        self.hit_share += HIT_SMOOTHING * (servable / len(prompt) - self.hit_share)
 
     def budget(self) -> int:
         """Cells that cached entries (beyond what running sequences hold) may keep."""
-        return int(self.capacity * self.hit_share)
+        return max(self.floor, int(self.capacity * self.hit_share))
 
     def trim(self) -> int:
         """Evict cached entries, least recently used first, while they hold more cells than the
@@ -205,7 +215,9 @@ class KvPool:
         n = len(small.tokens)
         return len(big.tokens) >= n and common_prefix(big.tokens, small.tokens, n) == n
 
-    def _drop(self, entry: KvEntry) -> None:
+    def _drop(self, entry: KvEntry, ghost: bool = False) -> None:
+        if ghost and entry.tokens:
+            self._ghosts.append(entry.tokens)
         self.backend.seq_rm(entry.seq_id)
         entry.alive = False
         del self.entries[entry.seq_id]
@@ -304,7 +316,7 @@ class KvPool:
             cached = [e for e in cached if self._exclusive_cells(e) > 0] or cached
         if not cached:
             return False
-        self._drop(cached[0])
+        self._drop(cached[0], ghost=True)
         if self.on_evict is not None:
             self.on_evict()
         return True

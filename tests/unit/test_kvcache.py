@@ -61,7 +61,7 @@ PROMPTS = [
 )
 def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool) -> None:
     kv = SimulatedKv()
-    pool = KvPool(kv, ids=6, capacity=40, keep=keep)
+    pool = KvPool(kv, ids=6, capacity=40, keep=keep, floor=40)
     running: list[tuple[object, list[int]]] = []  # (entry, prompt)
     for op, arg in ops:
         if op == "start" and len(running) < 3:
@@ -100,7 +100,7 @@ def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool) 
 
 def test_least_recently_used_is_evicted_first_and_duplicates_are_not_kept() -> None:
     kv = SimulatedKv()
-    pool = KvPool(kv, ids=3, capacity=100, keep=True)
+    pool = KvPool(kv, ids=3, capacity=100, keep=True, floor=100)
     entries = []
     for prompt in ([1, 2, 3], [4, 5, 6]):
         e = pool.acquire()
@@ -136,16 +136,19 @@ def test_a_cache_that_serves_nothing_shrinks_to_what_it_earns() -> None:
         e = pool.acquire()
         assert e is not None
         prompt = [1000 + k] * 30  # nothing shared with any other
-        pool.admitted(len(prompt), 0)
+        pool.admitted(prompt, 0)
         kv.decode(e.seq_id, 0, len(prompt))
         e.commit(prompt)
         pool.release(e)
-    # Thirty misses: the budget fell from the whole capacity to a few prompts' worth.
-    assert pool.hit_share < 0.25
-    assert pool.cells() <= pool.budget()
-    assert 0 < len(pool.entries) < 30
-    assert len(kv.cells) == pool.cells()
-    # Hits raise it again.
+    # Thirty misses: no budget, nothing kept.
+    assert pool.hit_share == 0
+    assert pool.cells() <= pool.budget() == 0
+    assert len(kv.cells) == pool.cells() == 0
+    # A prompt that an evicted entry would have served earns the cache room...
+    again = [1000 + 29] * 30 + [5]
+    pool.admitted(again, 0)
+    assert pool.hit_share > 0 and pool.budget() > 0
+    # ...and hits raise it further.
     for _ in range(60):
-        pool.admitted(100, 99)
+        pool.admitted(again, 30)
     assert pool.budget() > 900
