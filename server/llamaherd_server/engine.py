@@ -290,9 +290,6 @@ class Engine:
             ids=self.sequences,
             capacity=slots * context_size,
             keep=prefix_cache,
-            # Always room for one slot's worth of cached prompts, where the first repeats
-            # find their prefixes; beyond it, the cache earns its room (see kvcache).
-            floor=context_size,
             slots=slots,
             on_evict=metrics.prefix_cache_evictions.inc,
         )

@@ -26,11 +26,11 @@ Cached cells are not free: llama.cpp's attention scans every cell up to the high
 for each query of each step, masked or not (on the CPU, a 531-token prefill took 250 ms with
 1.6k cells in use and 450 ms with 6.9k). So the cache holds only as many cells as it earns: at
 most ``slots`` average prompts (what llama-server's slots hold, but shared by all slots), times
-the recent share of prompt tokens it served (an exponential average over admissions), and never
-less than ``floor``. Evicted entries leave their tokens behind as *ghosts* (no KV): a prompt
-that a ghost would have served counts as a hit too, so a cache that was too small to hold what
-repeats grows back. Traffic that repeats itself keeps a full cache; traffic that never does
-keeps next to nothing and pays next to nothing.
+the recent share of prompt tokens it served (an exponential average over admissions, optimistic
+at first), and never less than ``floor`` (0 in the engine). Evicted entries leave their tokens
+behind as *ghosts* (no KV): a prompt that a ghost would have served counts as a hit too, so a
+cache that was too small to hold what repeats grows back. Traffic that repeats itself keeps a
+full cache; traffic that never does keeps next to nothing and pays next to nothing.
 
 All of it runs on the scheduler thread only.
 """
@@ -149,9 +149,9 @@ class KvPool:
         self._origins = itertools.count(1)
         self._clock = itertools.count(1)
         # Recent share of admitted prompt tokens served (or, by a ghost, servable) from the
-        # cache. It starts at nothing: the cache starts with its ``floor``, and repeats (real
-        # hits or ghosts) earn it more.
-        self.hit_share = 0.0
+        # cache. Optimistic at first, so that a new server fills its (bounded) cache before
+        # the misses judge it.
+        self.hit_share = 1.0
         self.floor = floor
         self.slots = slots
         self.prompt_tokens = 0.0  # average admitted prompt length
@@ -194,6 +194,8 @@ class KvPool:
         limit = len(prompt) - 1
         servable = max([cached, *(common_prefix(g, prompt, limit) for g in self._ghosts)])
         self.hit_share += HIT_SMOOTHING * (servable / len(prompt) - self.hit_share)
+        if not self.prompt_tokens:
+            self.prompt_tokens = float(len(prompt))
         self.prompt_tokens += HIT_SMOOTHING * (len(prompt) - self.prompt_tokens)
 
     def budget(self) -> int:
