@@ -86,6 +86,7 @@ def create_app(
             seed=settings.seed,
             stall_seconds=settings.engine_stall_seconds,
             prefix_cache=settings.prefix_cache,
+            prefix_cache_ram_bytes=settings.prefix_cache_ram_mb << 20,
             dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine

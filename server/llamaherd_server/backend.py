@@ -62,3 +62,12 @@ class Backend(Protocol):
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Make the cells of ``src``'s positions ``p0`` to ``p1 - 1`` belong to ``dst`` too."""
+
+    def seq_trim(self, seq_id: int, keep: int) -> bool:
+        """Drop the cells of one sequence from position ``keep`` on."""
+
+    def seq_save(self, seq_id: int) -> bytes:
+        """One sequence's KV (all of its positions) as bytes, to restore later."""
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool:
+        """Put saved KV back into an empty sequence (new cells); False when it did not fit."""

@@ -220,6 +220,7 @@ class Engine:
         seed: int = -1,
         stall_seconds: float = 120.0,
         prefix_cache: bool = True,
+        prefix_cache_ram_bytes: int = 512 << 20,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
         backend: Backend | None = None,
     ) -> None:
@@ -291,6 +292,7 @@ class Engine:
             capacity=slots * context_size,
             keep=prefix_cache,
             slots=slots,
+            host_bytes=prefix_cache_ram_bytes if prefix_cache else 0,
             on_evict=metrics.prefix_cache_evictions.inc,
         )
         self._loaded = False
@@ -663,6 +665,7 @@ class Engine:
             if wait is None:
                 continue
             donor = wait.entry
+            assert donor is not None  # only a sequence still prefilling is waited for
             if donor.alive and len(donor.tokens) >= wait.length:
                 seq.wait = None
                 self._attach(seq, wait)
@@ -757,6 +760,7 @@ class Engine:
         running = self.kv.cells(running_only=True)
         self.metrics.kv_cache_usage.set(running / capacity)
         self.metrics.prefix_cache_usage.set((self.kv.cells() - running) / capacity)
+        self.metrics.prefix_cache_host_bytes.set(self.kv.host_bytes)
 
     def _accept_token(self, seq: _Sequence, token: int, now: float) -> None:
         req = seq.req

@@ -47,6 +47,10 @@ from typing import Protocol
 # tokens with a new prompt than anything already in the cache: below that, prefilling them
 # costs less than the step or two of waiting.
 MIN_WAIT_GAIN = 32
+# A prompt in host memory is restored when it spares at least this many tokens of prefill
+# beyond what the KV offers, and a quarter of what it copies back (restoring copies all of it).
+HOST_MIN_GAIN = 16
+
 # Weight of one admission in the average hit share that sets the cache's budget (~ the last 20).
 HIT_SMOOTHING = 0.05
 
@@ -55,6 +59,22 @@ class KvBackend(Protocol):
     def seq_rm(self, seq_id: int) -> None: ...
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+
+    def seq_trim(self, seq_id: int, keep: int) -> bool: ...
+
+    def seq_save(self, seq_id: int) -> bytes: ...
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool: ...
+
+
+@dataclass(eq=False)
+class HostEntry:
+    """A cached prompt moved out of the KV cache into host memory: its tokens and its saved KV,
+    which ``seq_restore`` puts back into new cells (a copy, no compute)."""
+
+    tokens: list[int]
+    data: bytes
+    last_used: int = 0
 
 
 @dataclass(eq=False)
@@ -116,11 +136,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 @dataclass
 class Match:
     """Where a new prompt's prefix is: ``length`` tokens of ``entry``; ``ready`` when they are in
-    the KV now, else ``entry`` is still prefilling them."""
+    the KV now, else ``entry`` is still prefilling them. Or of ``host``, a prompt saved in host
+    memory (``entry`` is None then)."""
 
-    entry: KvEntry
+    entry: KvEntry | None
     length: int
     ready: bool
+    host: HostEntry | None = None
 
 
 class KvPool:
@@ -138,6 +160,7 @@ class KvPool:
         keep: bool,
         floor: int = 0,
         slots: int = 1,
+        host_bytes: int = 0,
         on_evict: Callable[[], object] | None = None,
     ) -> None:
         self.backend = backend
@@ -156,6 +179,10 @@ class KvPool:
         self.slots = slots
         self.prompt_tokens = 0.0  # average admitted prompt length
         self._ghosts: deque[list[int]] = deque(maxlen=ids)
+        # Host memory for evicted prompts (0: none; they leave ghosts only).
+        self.host_limit = host_bytes
+        self.host: list[HostEntry] = []
+        self.host_bytes = 0
 
     # ---- ids ---------------------------------------------------------------------------
 
@@ -200,7 +227,10 @@ class KvPool:
 
     def budget(self) -> int:
         """Cells that cached entries (beyond what running sequences hold) may keep."""
-        earned = self.hit_share * self.slots * self.prompt_tokens
+        # With host memory behind it, the KV keeps only the hottest quarter: the rest waits in
+        # host memory, where it costs the attention nothing.
+        slots = max(1, self.slots // 4) if self.host_limit else self.slots
+        earned = self.hit_share * slots * self.prompt_tokens
         return min(self.capacity, max(self.floor, int(earned)))
 
     def trim(self) -> int:
@@ -268,14 +298,28 @@ class KvPool:
                     waiting = Match(entry, m, False)
         if waiting is not None and waiting.length >= best_key[0] + MIN_WAIT_GAIN:
             return waiting
+        # A saved prompt that beats the KV: restoring copies all its cells, worth it when it
+        # spares a real prefill.
+        for host in self.host:
+            n = common_prefix(host.tokens, prompt, limit)
+            if (
+                n >= best_key[0] + HOST_MIN_GAIN
+                and 4 * n >= len(host.tokens)
+                and (best is None or n > best.length)
+            ):
+                best = Match(None, n, True, host=host)
         return best
 
     def attach(self, dst: KvEntry, match: Match) -> int:
         """Share the matched prefix's cells with ``dst`` (empty); returns the tokens attached.
 
         A cached source that the attached prefix wholly covers is then dropped: ``dst`` holds
-        all of it."""
-        src, n = match.entry, min(match.length, len(match.entry.tokens))
+        all of it. A prompt in host memory is restored into ``dst`` instead."""
+        if match.host is not None:
+            return self._restore(dst, match.host, match.length)
+        src = match.entry
+        assert src is not None
+        n = min(match.length, len(src.tokens))
         if n <= 0 or not src.alive or dst.tokens:
             return 0
         self.backend.seq_cp(src.seq_id, dst.seq_id, 0, n)
@@ -286,6 +330,57 @@ class KvPool:
         dst.last_used = now
         if not src.running and n == len(src.tokens):
             self._drop(src)
+        return n
+
+    # ---- host memory -------------------------------------------------------------------
+
+    def _save(self, entry: KvEntry) -> bool:
+        """Copy an evicted entry's KV to host memory; False when it cannot go there."""
+        tokens = entry.tokens
+        for host in self.host:
+            if len(host.tokens) >= len(tokens) and common_prefix(
+                host.tokens, tokens, len(tokens)
+            ) == len(tokens):
+                host.last_used = next(self._clock)
+                return True
+        data = self.backend.seq_save(entry.seq_id)
+        if not data or len(data) > self.host_limit:
+            return False
+        for host in list(self.host):  # what the new one extends
+            if common_prefix(host.tokens, tokens, len(host.tokens)) == len(host.tokens):
+                self._forget(host)
+        self.host.append(HostEntry(list(tokens), data, next(self._clock)))
+        self.host_bytes += len(data)
+        while self.host_bytes > self.host_limit:
+            oldest = min(self.host, key=lambda h: h.last_used)
+            self._forget(oldest)
+            self._ghosts.append(oldest.tokens)
+        return True
+
+    def _forget(self, host: HostEntry) -> None:
+        self.host.remove(host)
+        self.host_bytes -= len(host.data)
+
+    def _restore(self, dst: KvEntry, host: HostEntry, n: int) -> int:
+        if dst.tokens or n <= 0:
+            return 0
+        # Out of the list while cells are made for it, so that making room cannot drop it.
+        self._forget(host)
+        try:
+            self.make_room(len(host.tokens))
+            if not self.backend.seq_restore(host.data, dst.seq_id):
+                self.backend.seq_rm(dst.seq_id)
+                return 0
+            if n < len(host.tokens) and not self.backend.seq_trim(dst.seq_id, n):
+                self.backend.seq_rm(dst.seq_id)
+                return 0
+        finally:
+            host.last_used = next(self._clock)
+            self.host.append(host)
+            self.host_bytes += len(host.data)
+        dst.tokens = list(host.tokens[:n])
+        dst.spans = [[dst.origin, 0, n]]
+        dst.last_used = host.last_used
         return n
 
     # ---- cells -------------------------------------------------------------------------
@@ -325,7 +420,9 @@ class KvPool:
             cached = [e for e in cached if self._exclusive_cells(e) > 0] or cached
         if not cached:
             return False
-        self._drop(cached[0], ghost=True)
+        victim = cached[0]
+        saved = bool(self.host_limit) and bool(victim.tokens) and self._save(victim)
+        self._drop(victim, ghost=not saved)
         if self.on_evict is not None:
             self.on_evict()
         return True

@@ -278,3 +278,17 @@ class LlamaBackend:
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self.lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def seq_trim(self, seq_id: int, keep: int) -> bool:
+        return bool(self.lib.llama_memory_seq_rm(self.mem, seq_id, keep, -1))
+
+    def seq_save(self, seq_id: int) -> bytes:
+        lib = self.lib
+        size = lib.llama_state_seq_get_size(self.ctx, seq_id)
+        buf = (ctypes.c_ubyte * size)()
+        n = lib.llama_state_seq_get_data(self.ctx, buf, size, seq_id)
+        return bytes(buf)[:n]
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool:
+        buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+        return bool(self.lib.llama_state_seq_set_data(self.ctx, buf, len(data), seq_id))

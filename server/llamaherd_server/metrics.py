@@ -30,6 +30,7 @@ PROMPT_TOKENS = "llamaherd_prompt_tokens"
 PROMPT_CACHED_TOKENS = "llamaherd_prompt_cached_tokens"
 PREFIX_CACHE_EVICTIONS = "llamaherd_prefix_cache_evictions"
 PREFIX_CACHE_USAGE = "llamaherd_prefix_cache_usage_ratio"
+PREFIX_CACHE_HOST_BYTES = "llamaherd_prefix_cache_host_bytes"
 GENERATED_TOKENS = "llamaherd_generated_tokens"
 REQUESTS = "llamaherd_requests"
 BATCH_SIZE = "llamaherd_batch_size"
@@ -131,6 +132,11 @@ class ServerMetrics:
         self.prefix_cache_usage = Gauge(
             PREFIX_CACHE_USAGE,
             "Share of the KV cache's cells held only by cached prefixes (0 to 1).",
+            registry=r,
+        )
+        self.prefix_cache_host_bytes = Gauge(
+            PREFIX_CACHE_HOST_BYTES,
+            "Bytes of cached prefixes saved in host memory (out of the KV cache).",
             registry=r,
         )
         self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated.", registry=r)

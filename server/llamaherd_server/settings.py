@@ -56,6 +56,14 @@ class ServerSettings(BaseSettings):
         "cached prefix of each new prompt instead of prefilling it, also among requests that "
         "run at the same time (--no-prefix-cache turns it off).",
     )
+    prefix_cache_ram_mb: int = Field(
+        default=512,
+        ge=0,
+        le=1_048_576,
+        description="Host memory for cached prefixes moved out of the KV cache (restored by "
+        "copy when a prompt needs them again); 0 keeps them in the KV cache only. Count it "
+        "in the container's memory limit.",
+    )
     max_wait_ms: float = Field(
         default=5.0,
         ge=0,

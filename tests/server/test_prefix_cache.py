@@ -186,3 +186,37 @@ def test_a_cancelled_request_that_shared_a_prefix_leaves_the_others_correct(
     assert prefilled_at_cancel < len(engine.tokenize(prompts[0]))
     assert h.metric(CACHED) > 0
     check_kv_matches_bookkeeping(engine)
+
+
+def test_a_prompt_saved_to_host_memory_comes_back_with_the_same_output(
+    make_engine, tiny_model: Path
+) -> None:
+    """With no KV budget for the cache, a finished prompt leaves the KV cache for host memory
+    (llama_state_seq_get_data); the next request with that prefix gets its cells back by copy
+    (llama_state_seq_set_data) and prefills only the rest, and answers what a cache-less
+    engine answers."""
+    prompts = [SYSTEMS[0] + USERS[0], SYSTEMS[0] + USERS[1]]
+    reference = make_engine(tiny_model, slots=2, max_wait_ms=0, prefix_cache=False)
+    expected = []
+    for p in prompts:
+        run = greedy(reference, p)
+        assert isinstance(run.result, Finished)
+        expected.append(run.text)
+
+    h = make_engine(tiny_model, slots=2, max_wait_ms=0, context_size=1024)
+    engine = h.engine
+    engine.kv.hit_share = 0.0
+    engine.kv.admitted = lambda prompt, cached: None  # keep the KV budget at nothing
+    first = greedy(h, prompts[0])
+    assert isinstance(first.result, Finished)
+    assert engine.kv.cells() == 0, "the finished prompt stayed in the KV cache"
+    assert len(engine.kv.host) == 1 and engine.kv.host_bytes > 0
+    assert h.metric("llamaherd_prefix_cache_host_bytes") == engine.kv.host_bytes
+    second = greedy(h, prompts[1])
+    assert isinstance(second.result, Finished)
+    a, b = (engine.tokenize(p) for p in prompts)
+    shared = common_prefix(a, b, len(b) - 1)
+    assert h.metric(CACHED) == shared
+    assert h.metric(PREFILLED) == len(a) + len(b) - shared
+    assert [first.text, second.text] == expected
+    check_kv_matches_bookkeeping(engine)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llamaherd_server import kvcache
 from llamaherd_server.kvcache import KvPool, common_prefix
 
 
@@ -24,6 +25,20 @@ class SimulatedKv:
         for pos, seqs in self.cells:
             if p0 <= pos < p1 and src in seqs:
                 seqs.add(dst)
+
+    def seq_trim(self, seq_id: int, keep: int) -> bool:
+        for pos, seqs in self.cells:
+            if pos >= keep:
+                seqs.discard(seq_id)
+        self.cells = [(p, s) for p, s in self.cells if s]
+        return True
+
+    def seq_save(self, seq_id: int) -> bytes:
+        return ",".join(str(p) for p in self.positions(seq_id)).encode()
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool:
+        self.cells.extend((int(p), {seq_id}) for p in data.decode().split(","))
+        return True
 
     def decode(self, seq_id: int, start: int, n: int) -> None:
         self.cells.extend((start + i, {seq_id}) for i in range(n))
@@ -58,10 +73,13 @@ PROMPTS = [
         max_size=60,
     ),
     keep=st.booleans(),
+    host=st.sampled_from([0, 40]),
 )
-def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool) -> None:
+def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool, host: int) -> None:
     kv = SimulatedKv()
-    pool = KvPool(kv, ids=6, capacity=40, keep=keep, floor=40)
+    pool = KvPool(kv, ids=6, capacity=40, keep=keep, floor=40 if host == 0 else 8, host_bytes=host)
+    kvcache.HOST_MIN_GAIN = 1  # the prompts here are short
+    restored = 0
     running: list[tuple[object, list[int]]] = []  # (entry, prompt)
     for op, arg in ops:
         if op == "start" and len(running) < 3:
@@ -72,6 +90,8 @@ def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool) 
             if match is not None:
                 n = pool.attach(entry, match)
                 assert n == match.length and entry.tokens == prompt[:n]
+                assert kv.positions(entry.seq_id) == list(range(n))
+                restored += match.host is not None
             entry.planned = prompt
             running.append((entry, prompt))
         elif op == "step" and running:
@@ -96,6 +116,30 @@ def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool) 
         assert all(e.running for e in pool.entries.values()) or keep
     for entry, _ in running:
         assert entry.alive, "a running sequence was evicted"
+    assert pool.host_bytes == sum(len(h.data) for h in pool.host) <= max(host, 0)
+    kvcache.HOST_MIN_GAIN = 16
+
+
+def test_an_evicted_prompt_comes_back_from_host_memory() -> None:
+    kv = SimulatedKv()
+    pool = KvPool(kv, ids=3, capacity=100, keep=True, floor=0, host_bytes=1000)
+    pool.hit_share = 0.0  # budget 0: every finished prompt leaves the KV at once
+    first = pool.acquire()
+    assert first is not None
+    prompt = list(range(1, 41))
+    kv.decode(first.seq_id, 0, 40)
+    first.commit(prompt)
+    pool.release(first)
+    assert not first.alive and len(kv.cells) == 0
+    assert [h.tokens for h in pool.host] == [prompt]
+    again = pool.acquire()
+    assert again is not None
+    match = pool.match([*prompt[:30], 99], exclude=again)
+    assert match is not None and match.host is not None and match.length == 30
+    assert pool.attach(again, match) == 30
+    assert kv.positions(again.seq_id) == list(range(30))
+    assert again.tokens == prompt[:30]
+    assert pool.cells() == len(kv.cells) == 30
 
 
 def test_least_recently_used_is_evicted_first_and_duplicates_are_not_kept() -> None:

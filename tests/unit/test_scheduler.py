@@ -98,6 +98,15 @@ class FakeBackend:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self.copies.append((src, dst, p0, p1))
 
+    def seq_trim(self, seq_id: int, keep: int) -> bool:
+        return True
+
+    def seq_save(self, seq_id: int) -> bytes:
+        return b""  # nothing to save: prompts leave ghosts only
+
+    def seq_restore(self, data: bytes, seq_id: int) -> bool:
+        return False
+
 
 def _is_a_backend(backend: FakeBackend) -> Backend:
     return backend  # mypy checks that the fake follows the protocol
