@@ -301,6 +301,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# (workload, concurrency or None for all, what, bound): the issue's musts and targets.
+TARGETS = [
+    ("shared", None, "tok/s and TTFT p50 vs llama-server", 1.0),
+    ("shared", 16, "tok/s vs llama-server", 1.3),
+    ("many", 16, "tok/s vs llama-server", 1.5),
+    ("multi-turn", None, "tok/s and TTFT p50 vs llama-server", 1.0),
+    ("unique", None, "tok/s vs no cache", 0.97),
+]
+
+
+def verdicts(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(target, measured, bound, pass/MISS) rows for the README."""
+    rows = []
+    for name, only, what, bound in TARGETS:
+        points = results["workloads"].get(name)
+        if not points:
+            continue
+        for c, systems in points.items():
+            if only is not None and int(c) != only:
+                continue
+            ours = systems.get("llamaherd")
+            base = systems.get("llamaherd-no-cache" if name == "unique" else "llama-server")
+            if not ours or not base:
+                continue
+            got = [ratio(ours["tokens_per_s"], base["tokens_per_s"])]
+            if "TTFT" in what:
+                got.append(ratio(base["ttft_ms"]["p50"], ours["ttft_ms"]["p50"]))
+            shown = " / ".join("-" if g is None else f"{g:.2f}" for g in got)
+            ok = all(g is not None and g >= bound for g in got)
+            rows.append(
+                (f"{name}, {c} streams: {what}", shown, f">= {bound}", "pass" if ok else "**MISS**")
+            )
+    return rows
+
+
 def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -392,7 +427,9 @@ async def main_async(args: argparse.Namespace) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = f"# Prefix-cache benchmark ({results['date']}, {results['machine']})\n\n"
     md += f"Model {results['model']}, {SLOTS} slots x {CONTEXT} tokens, {THREADS} threads, "
-    md += f"{MAX_TOKENS} output tokens.\n\n{table(results)}\n"
+    md += f"{MAX_TOKENS} output tokens.\n\n{table(results)}\n\n"
+    md += "| target | measured | bound | result |\n|---|---|---|---|\n"
+    md += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in verdicts(results))
     (out / "results.md").write_text(md)
     plot(results, out / "ttft.png")
     log(f"wrote {out}/results.json, results.md, ttft.png")
