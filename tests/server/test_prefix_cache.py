@@ -54,7 +54,8 @@ def greedy(h, prompt, n=24):
 
 
 def test_a_second_prompt_prefills_only_what_differs(make_engine, tiny_model: Path) -> None:
-    h = make_engine(tiny_model, slots=2, max_wait_ms=0, context_size=1024)
+    # The KV-resident cache alone (no host memory behind it: see the last test for that).
+    h = make_engine(tiny_model, slots=2, max_wait_ms=0, context_size=1024, prefix_cache_ram_bytes=0)
     engine = h.engine
     first_text = SYSTEMS[0] + USERS[0]
     first = greedy(h, first_text)
