@@ -57,7 +57,10 @@ def server_selector(name: str) -> str:
 
 
 def helm_install(kube: Kube) -> None:
-    """Install (or upgrade) the chart exactly as the README tells a user."""
+    """Install (or upgrade) the chart exactly as the docs tell a user: Helm installs the CRD on
+    the first install and never upgrades it, so an upgrade applies it first
+    (docs/chart.md, "CRD upgrades"); a cluster kept from an older checkout needs that."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "charts/llamaherd/crds/")
     kube.helm(
         "upgrade",
         "--install",
