@@ -615,11 +615,19 @@ def test_load_reported_by_a_replica_counts_in_the_pick(
             timeout=30,
             what="the busy replica running two requests",
         )
-        before = served(busy)
+        # The gateway learns the busy replica's load at its next poll (every 0.3 s): until a
+        # request of ours lands on the idle replica, it may not have polled since.
+        warm = served(idle)
+        wait_until(
+            lambda: complete(gw, "slow").status_code == 200 and served(idle) > warm,
+            timeout=30,
+            what="a request on the idle replica (the busy one's load seen)",
+        )
+        before, before_idle = served(busy), served(idle)
         for _ in range(6):
             assert complete(gw, "slow").status_code == 200
         # the busy replica finished only the occupiers' requests, none of the gateway's
-        assert served(idle) == 6
+        assert served(idle) - before_idle == 6
         assert served(busy) - before <= 2 * 2  # occupier requests that ended meanwhile
     finally:
         stop.set()
