@@ -24,7 +24,11 @@ from llamaherd_operator import names
 Manifest = dict[str, Any]
 Body = Mapping[str, Any]
 
-DEFAULT_IMAGE = "llamaherd/server:0.1.0"
+# The server image when spec.image is empty: the CUDA variant of Dockerfile.server for a
+# service that asks for GPUs, the CPU variant otherwise (operator settings server_image and
+# server_image_gpu change them).
+DEFAULT_IMAGE = "llamaherd/server:0.1.0-cpu"
+DEFAULT_GPU_IMAGE = "llamaherd/server:0.1.0-cuda"
 DEFAULT_IMAGE_PULL_POLICY = "IfNotPresent"
 DEFAULT_REPLICAS = 1
 DEFAULT_MIN_REPLICAS = 1
@@ -63,6 +67,8 @@ class BuildOptions:
     termination_grace_margin_seconds: int = 10
     service_monitor_interval: str = "15s"
     service_monitor_labels: tuple[tuple[str, str], ...] = ()
+    server_image: str = DEFAULT_IMAGE
+    server_image_gpu: str = DEFAULT_GPU_IMAGE
 
 
 def server_env_name(field: str) -> str:
@@ -175,6 +181,12 @@ def server_env(body: Body) -> list[dict[str, Any]]:
     settings = spec.get("server", {})
     for field in sorted(settings, key=server_env_name):
         env.append({"name": server_env_name(field), "value": _env_value(settings[field])})
+    if "gpuLayers" not in settings:
+        # Every layer on the GPU when the pod gets GPUs, none otherwise, whatever the image's
+        # own default (the CUDA image's is all layers).
+        env.append(
+            {"name": server_env_name("gpuLayers"), "value": "-1" if gpu_count(spec) else "0"}
+        )
     threads = threads_from_resources(spec)
     if threads is not None:
         env.append(threads)
@@ -224,6 +236,19 @@ def _env_value(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def gpu_count(spec: Mapping[str, Any]) -> int:
+    return int(spec.get("gpu", {}).get("count", 0))
+
+
+def server_image(spec: Mapping[str, Any], options: BuildOptions) -> str:
+    """The one rule: spec.image when set; else the GPU image when the service asks for GPUs
+    (spec.gpu.count > 0), the CPU image otherwise."""
+    image = spec.get("image")
+    if image:
+        return str(image)
+    return options.server_image_gpu if gpu_count(spec) > 0 else options.server_image
 
 
 def server_resources(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,7 +336,7 @@ def download_container(spec: Mapping[str, Any], options: BuildOptions) -> dict[s
         env.append({"name": "DOWNLOAD_SHA256", "value": str(model["sha256"]).lower()})
     return {
         "name": names.DOWNLOAD_CONTAINER,
-        "image": spec.get("image", DEFAULT_IMAGE),
+        "image": server_image(spec, options),
         "imagePullPolicy": spec.get("imagePullPolicy", DEFAULT_IMAGE_PULL_POLICY),
         "command": list(DOWNLOAD_COMMAND),
         "env": env,
@@ -326,7 +351,7 @@ def server_container(body: Body, options: BuildOptions) -> dict[str, Any]:
     _, mounts = _volumes(spec)
     container: dict[str, Any] = {
         "name": names.SERVER_CONTAINER,
-        "image": spec.get("image", DEFAULT_IMAGE),
+        "image": server_image(spec, options),
         "imagePullPolicy": spec.get("imagePullPolicy", DEFAULT_IMAGE_PULL_POLICY),
         "command": ["python", "-m", "llamaherd_server"],
         "ports": [{"name": names.PORT_NAME, "containerPort": names.SERVER_PORT, "protocol": "TCP"}],

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llamaherd_operator.builders import BuildOptions
+from llamaherd_operator.builders import DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, BuildOptions
 
 ENV_PREFIX = "LLAMAHERD_OPERATOR_"
 
@@ -82,6 +82,18 @@ class OperatorSettings(BaseSettings):
         default="",
         description="Extra labels on every ServiceMonitor, as a JSON object "
         '(\'{"release": "kube-prometheus-stack"}\') or comma-separated key=value pairs.',
+    )
+    server_image: str = Field(
+        default=DEFAULT_IMAGE,
+        min_length=1,
+        description="Server image of an InferenceService without spec.image and without GPUs "
+        "(the CPU variant of Dockerfile.server).",
+    )
+    server_image_gpu: str = Field(
+        default=DEFAULT_GPU_IMAGE,
+        min_length=1,
+        description="Server image of an InferenceService without spec.image that asks for GPUs "
+        "(spec.gpu.count > 0; the CUDA variant of Dockerfile.server).",
     )
     pre_stop_sleep_seconds: int = Field(
         default=5,
@@ -159,6 +171,8 @@ class OperatorSettings(BaseSettings):
             download_retries=self.model_download_retries,
             download_timeout_seconds=self.model_download_timeout_seconds,
             pre_stop_sleep_seconds=self.pre_stop_sleep_seconds,
+            server_image=self.server_image,
+            server_image_gpu=self.server_image_gpu,
             service_monitor_labels=tuple(sorted(self.service_monitor_label_map.items())),
         )
 

@@ -302,6 +302,9 @@ async def health(request: Request) -> JSONResponse:
         "queue_depth": engine.queue_depth,
         "gpu_utilization": gpu_utilization(),
     }
+    devices = getattr(engine.backend, "devices", None)
+    if devices is not None:
+        body["gpu"] = devices.as_json(engine.backend.gpu_layers)
     if reason is not None:
         body["reason"] = reason
     return JSONResponse(body, status_code=200 if reason is None else 503)

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import cudadriver
 from .backend import BatchToken
+from .cudadriver import Devices
 from .loadfail import ModelLoadError, check_model_file
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class LlamaBackend:
         self.bos_text = ""
         self.eos_text = ""
         self.can_share_prefixes = False
+        self.devices: Devices | None = None
         self.lib: Any = None
         self.model: Any = None
         self.ctx: Any = None
@@ -110,15 +113,29 @@ class LlamaBackend:
     # ---- lifecycle -------------------------------------------------------------------
 
     def load(self) -> None:
+        cudadriver.prepare()
         import llama_cpp as lib
 
         # llama-cpp-python prints llama.cpp's own log lines through this logger's level.
         logging.getLogger("llama-cpp-python").setLevel(
             logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
         )
-        check_model_file(self.model_path, gpu_layers=self.gpu_layers)
         self.lib = lib
         lib.llama_backend_init()
+        self.devices = cudadriver.list_devices(lib)
+        if self.gpu_layers != 0 and not self.devices.gpus:
+            log.warning(
+                "gpu-layers=%d, but llama.cpp sees no GPU (%s): the model runs on the CPU",
+                self.gpu_layers,
+                self.devices.note
+                or (
+                    "this build has no GPU backend"
+                    if not self.devices.offload_supported
+                    else "no GPU device is visible"
+                ),
+            )
+            self.gpu_layers = 0
+        check_model_file(self.model_path, gpu_layers=self.gpu_layers)
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = self.gpu_layers if self.gpu_layers >= 0 else 999
         with _LlamaErrors(lib) as errors:

@@ -621,7 +621,7 @@ def test_status_follows_the_pods(
             "initContainerStatuses": [
                 {
                     "name": "model-download",
-                    "image": "llamaherd/server:0.1.0",
+                    "image": "llamaherd/server:0.1.0-cpu",
                     "imageID": "",
                     "ready": False,
                     "restartCount": 1,
@@ -661,7 +661,7 @@ def test_status_follows_the_pods(
             "initContainerStatuses": [
                 {
                     "name": "model-download",
-                    "image": "llamaherd/server:0.1.0",
+                    "image": "llamaherd/server:0.1.0-cpu",
                     "imageID": "",
                     "ready": True,
                     "restartCount": 2,
@@ -671,7 +671,7 @@ def test_status_follows_the_pods(
             "containerStatuses": [
                 {
                     "name": "server",
-                    "image": "llamaherd/server:0.1.0",
+                    "image": "llamaherd/server:0.1.0-cpu",
                     "imageID": "",
                     "ready": True,
                     "started": True,

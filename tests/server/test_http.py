@@ -182,6 +182,23 @@ async def test_health_ready_and_metrics(make_client: Any) -> None:
     assert "process_resident_memory_bytes" in text
 
 
+async def test_health_names_the_devices_and_a_gpu_request_without_a_gpu_runs_on_the_cpu(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This machine's llama.cpp has no GPU backend: asking for every layer on the GPU (what the
+    CUDA image and a GPU InferenceService ask) still serves, on the CPU, and says why."""
+    with caplog.at_level(logging.WARNING, logger="llamaherd_server.llama_backend"):
+        client = await make_client(gpu_layers=-1)
+    gpu = (await client.get("/health")).json()["gpu"]
+    assert gpu["backend"] == "cpu" and gpu["devices"] == [], gpu
+    assert gpu["gpu_layers"] == 0 and gpu["offload_supported"] is False, gpu
+    assert any(
+        "gpu-layers=-1" in r.getMessage() and "CPU" in r.getMessage() for r in caplog.records
+    )
+    r = await client.post("/v1/generate", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
 async def test_a_dead_engine_fails_requests_with_500_and_health_with_503(
     make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

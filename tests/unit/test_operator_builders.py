@@ -411,3 +411,33 @@ def test_pods_pass_the_restricted_pod_security_standard(model: dict[str, Any]) -
         assert security["runAsNonRoot"] is True
         assert security["readOnlyRootFilesystem"] is True
         assert not any("hostPort" in port for port in container.get("ports", []))
+
+
+# ---- GPU rules: image, gpu-layers ---------------------------------------------------------
+
+
+def test_the_image_follows_the_gpu_request_unless_spec_image_is_set() -> None:
+    options = builders.BuildOptions(server_image="reg/cpu:1", server_image_gpu="reg/cuda:1")
+    cpu = builders.build_deployment(service({}), options)
+    gpu = builders.build_deployment(service({"gpu": {"count": 1}}), options)
+    pinned = builders.build_deployment(service({"gpu": {"count": 1}, "image": "mine:2"}), options)
+    assert server_of(cpu)["image"] == "reg/cpu:1"
+    assert server_of(gpu)["image"] == "reg/cuda:1"
+    assert server_of(pinned)["image"] == "mine:2"
+    # The download init container runs the same image as the server.
+    pod = gpu["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["image"] == "reg/cuda:1"
+    # The defaults name the two variants of Dockerfile.server.
+    assert builders.DEFAULT_IMAGE.endswith("-cpu") and builders.DEFAULT_GPU_IMAGE.endswith("-cuda")
+
+
+def test_gpu_layers_default_to_all_with_gpus_and_none_without() -> None:
+    gpu = builders.build_deployment(service({"gpu": {"count": 1}}))
+    assert env_of(server_of(gpu))["LLAMAHERD_GPU_LAYERS"] == "-1"
+    cpu = builders.build_deployment(service({}))
+    assert env_of(server_of(cpu))["LLAMAHERD_GPU_LAYERS"] == "0"
+    # What the user sets wins, once.
+    chosen = builders.build_deployment(service({"gpu": {"count": 1}, "server": {"gpuLayers": 20}}))
+    names = [item["name"] for item in server_of(chosen)["env"]]
+    assert names.count("LLAMAHERD_GPU_LAYERS") == 1
+    assert env_of(server_of(chosen))["LLAMAHERD_GPU_LAYERS"] == "20"

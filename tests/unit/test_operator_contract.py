@@ -156,7 +156,6 @@ def test_builder_defaults_match_crd_defaults(spec_schema: dict[str, Any]) -> Non
     autoscaling = spec_schema["autoscaling"]["properties"]
     cache = spec_schema["model"]["properties"]["cache"]["properties"]
     pairs = [
-        (spec_schema["image"]["default"], builders.DEFAULT_IMAGE),
         (spec_schema["imagePullPolicy"]["default"], builders.DEFAULT_IMAGE_PULL_POLICY),
         (spec_schema["replicas"]["default"], builders.DEFAULT_REPLICAS),
         (autoscaling["minReplicas"]["default"], builders.DEFAULT_MIN_REPLICAS),
