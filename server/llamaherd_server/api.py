@@ -304,7 +304,7 @@ async def health(request: Request) -> JSONResponse:
     }
     devices = getattr(engine.backend, "devices", None)
     if devices is not None:
-        body["gpu"] = devices.as_json(engine.backend.gpu_layers)
+        body["gpu"] = devices.as_json(getattr(engine.backend, "gpu_layers", 0))
     if reason is not None:
         body["reason"] = reason
     return JSONResponse(body, status_code=200 if reason is None else 503)
