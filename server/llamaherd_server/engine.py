@@ -48,6 +48,9 @@ from .queue import PriorityQueue, QueueFull
 
 log = logging.getLogger("llamaherd.engine")
 
+# How stale the KV gauges may get while only decode steps run.
+KV_GAUGE_INTERVAL_S = 0.25
+
 __all__ = [
     "Engine",
     "EngineDraining",
@@ -297,6 +300,7 @@ class Engine:
         )
         self._loaded = False
         self._avg_latency_s = 1.0
+        self._kv_gauges_at = 0.0
         metrics.slots.set(slots)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -749,13 +753,17 @@ class Engine:
             token = backend.sample(seq.sampler, index)
             self._accept_token(seq, token, now)
         self.metrics.generated_tokens.inc(len(outputs))
-        self._set_kv_usage()
+        # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
+        # every entry); a step that prefilled, and every release, refresh them at once.
+        if prefill_tokens or now - self._kv_gauges_at >= KV_GAUGE_INTERVAL_S:
+            self._set_kv_usage()
 
     def _set_kv_usage(self) -> None:
         """The KV gauges: after every step, and after every release (finish, cancel, timeout,
         failure), so that they never show KV that was already freed. Usage counts the cells
         that running sequences hold (shared cells once); the prefix cache's gauge the cells
         that only cached prefixes hold, which are freed whenever running work needs them."""
+        self._kv_gauges_at = time.monotonic()
         capacity = self.kv.capacity
         running = self.kv.cells(running_only=True)
         self.metrics.kv_cache_usage.set(running / capacity)

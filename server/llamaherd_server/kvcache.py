@@ -402,6 +402,10 @@ class KvPool:
     def make_room(self, tokens: int) -> int:
         """Evict cached entries, least recently used first, until ``tokens`` new cells fit;
         returns how many were evicted. Running sequences are never touched."""
+        # Every entry's length bounds the cells (shared prefixes count once per sharer): when
+        # even that fits, there is room without walking the spans.
+        if sum(len(entry.tokens) for entry in self.entries.values()) + tokens <= self.capacity:
+            return 0
         evicted = 0
         while self.cells() + tokens > self.capacity and self._evict_lru(freeing=True):
             evicted += 1
