@@ -224,8 +224,8 @@ class LlamaBackend:
             or lib.llama_model_n_swa(model) > 0
         )
         self.batch = _Batch(lib, self.batch_size)
-        self._pieces: list[bytes | None] = [None] * self.n_vocab
-        self._eog: list[bool | None] = [None] * self.n_vocab
+        self._pieces = [None] * self.n_vocab
+        self._eog = [None] * self.n_vocab
         template = lib.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8") if template else None
         self.bos_text = self.token_text(lib.llama_vocab_bos(self.vocab))
@@ -341,8 +341,10 @@ class LlamaBackend:
     # ---- batches and KV --------------------------------------------------------------
 
     def decode(self, entries: Sequence[BatchToken]) -> int:
-        self.batch.fill(entries)
-        rc: int = self.lib.llama_decode(self.ctx, self.batch.struct)
+        batch = self.batch
+        assert batch is not None, "decode before load"
+        batch.fill(entries)
+        rc: int = self.lib.llama_decode(self.ctx, batch.struct)
         return rc
 
     def seq_rm(self, seq_id: int) -> None:
