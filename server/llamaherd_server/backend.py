@@ -57,6 +57,11 @@ class Backend(Protocol):
     def sample(self, sampler: Any, index: int) -> int:
         """The next token from the logits of the batch entry at ``index``."""
 
+    def argmax(self, rows: Sequence[int], n_outputs: int) -> list[int]:
+        """Greedy tokens of several outputs of the last decode at once: ``rows`` index the
+        ``n_outputs`` entries that asked for logits, in batch order. The same tokens as a
+        greedy sampler's, without a pass over the vocabulary per sequence through the C API."""
+
     def seq_rm(self, seq_id: int) -> None:
         """Drop every KV cell of one sequence."""
 

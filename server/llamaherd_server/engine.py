@@ -157,6 +157,7 @@ class _Sequence:
         "emitted",
         "entry",
         "generated",
+        "greedy",
         "last_token_at",
         "next_token",
         "pos",
@@ -179,6 +180,8 @@ class _Sequence:
         self.cached = 0  # prompt tokens attached from the prefix cache
         self.wait: Match | None = None  # a prefix another sequence is still prefilling
         self.accepted = False  # the prompt went to the sampler's penalties
+        # Temperature 0 without penalties: the token is the argmax of the logits.
+        self.greedy = req.params.temperature <= 0 and not req.params.has_penalties
         self.next_token: int | None = None  # sampled, not yet decoded
         self.generated = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -289,6 +292,7 @@ class Engine:
             threads=threads,
             gpu_layers=gpu_layers,
         )
+        self._fast_greedy = callable(getattr(self.backend, "argmax", None))
         self.kv = KvPool(
             self.backend,
             ids=self.sequences,
@@ -749,9 +753,19 @@ class Engine:
         if prefill_tokens:
             self.metrics.prompt_tokens.inc(prefill_tokens)
         now = time.monotonic()
-        for index, seq in outputs:
-            token = backend.sample(seq.sampler, index)
-            self._accept_token(seq, token, now)
+        greedy = [row for row, (_, seq) in enumerate(outputs) if seq.greedy]
+        if greedy and self._fast_greedy:
+            # One argmax over the logits of every greedy sequence (same tokens as their
+            # greedy samplers, without a pass over the vocabulary per sequence).
+            tokens = dict(zip(greedy, backend.argmax(greedy, len(outputs)), strict=True))
+            for row, (index, seq) in enumerate(outputs):
+                token = tokens.get(row)
+                if token is None:
+                    token = backend.sample(seq.sampler, index)
+                self._accept_token(seq, token, now)
+        else:
+            for index, seq in outputs:
+                self._accept_token(seq, backend.sample(seq.sampler, index), now)
         self.metrics.generated_tokens.inc(len(outputs))
         # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
         # every entry); a step that prefilled, and every release, refresh them at once.

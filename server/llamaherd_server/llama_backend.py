@@ -76,6 +76,18 @@ class _LlamaErrors:
         return next((line for level, line in lines if level == self._ERROR and line), "")
 
 
+class _FloatMatrix:
+    """float32 memory that llama.cpp owns, as numpy sees it (no copy)."""
+
+    def __init__(self, address: int, rows: int, cols: int) -> None:
+        self.__array_interface__ = {
+            "data": (address, True),
+            "shape": (rows, cols),
+            "typestr": "<f4",
+            "version": 3,
+        }
+
+
 class _Batch:
     """A ``llama_batch`` over numpy arrays that this object owns, one sequence per token.
 
@@ -337,6 +349,17 @@ class LlamaBackend:
     def sample(self, sampler: Any, index: int) -> int:
         token: int = self.lib.llama_sampler_sample(sampler, self.ctx, index)
         return token
+
+    def argmax(self, rows: Sequence[int], n_outputs: int) -> list[int]:
+        # llama_get_logits puts the outputs in batch order first (llama.cpp may have
+        # reordered them across micro-batches); the view is valid until the next decode.
+        address = ctypes.cast(self.lib.llama_get_logits(self.ctx), ctypes.c_void_p).value
+        if not address:
+            raise RuntimeError("llama.cpp returned no logits")
+        logits = np.asarray(_FloatMatrix(address, n_outputs, self.n_vocab))
+        picked = logits[rows] if len(rows) != n_outputs else logits
+        tokens: list[int] = picked.argmax(axis=1).tolist()
+        return tokens
 
     # ---- batches and KV --------------------------------------------------------------
 

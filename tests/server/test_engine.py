@@ -378,3 +378,38 @@ def test_close_never_frees_the_context_under_a_running_step(
     engine.close()
     assert {"llama_free", "llama_model_free"} <= set(freed)
     assert engine.backend.ctx is None and engine.backend.model is None
+
+
+def test_the_greedy_fast_path_picks_what_a_greedy_sampler_picks(
+    make_engine, small_model: Path
+) -> None:
+    """The engine takes temperature-0 tokens as one argmax over the step's logits; check it
+    against llama.cpp's own greedy sampler on a batch that mixes a prefill with decodes (the
+    logits of several sequences, one of them from a prompt's last token)."""
+    h = make_engine(small_model, slots=4, max_wait_ms=0)
+    backend = h.engine.backend
+    lib = backend.lib
+    # Four sequences: three decode one token each, the fourth prefills a 5-token prompt.
+    prompts = [backend.tokenize(p, True, False) for p in PROMPTS[:4]]
+    h.engine.close()  # the test drives the backend directly from here on
+    backend = type(backend)(
+        small_model, slots=4, context_size=256, batch_size=64, threads=2, gpu_layers=0
+    )
+    backend.load()
+    try:
+        batch = []
+        for seq, toks in enumerate(prompts[:3]):
+            batch += [(t, i, seq, i == len(toks) - 1) for i, t in enumerate(toks)]
+        assert backend.decode(batch) == 0
+        batch = [(prompts[s][-1], len(prompts[s]), s, True) for s in range(3)]
+        batch += [(t, i, 3, i == len(prompts[3]) - 1) for i, t in enumerate(prompts[3])]
+        assert backend.decode(batch) == 0
+        outputs = [i for i, entry in enumerate(batch) if entry[3]]
+        assert len(outputs) == 4
+        greedy = lib.llama_sampler_init_greedy()
+        expected = [lib.llama_sampler_sample(greedy, backend.ctx, i) for i in outputs]
+        lib.llama_sampler_free(greedy)
+        assert backend.argmax(range(4), 4) == expected
+        assert backend.argmax([1, 3], 4) == [expected[1], expected[3]]
+    finally:
+        backend.free()
