@@ -48,7 +48,9 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
 
-def create_app(model: Path, context_size: int, threads: int, batch: int) -> FastAPI:
+def create_app(
+    model: Path, context_size: int, threads: int, batch: int, gpu_layers: int = 0
+) -> FastAPI:
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -60,6 +62,7 @@ def create_app(model: Path, context_size: int, threads: int, batch: int) -> Fast
             n_ubatch=batch,
             n_threads=threads,
             n_threads_batch=threads,
+            n_gpu_layers=gpu_layers,
             verbose=False,
         )
         state["lock"] = asyncio.Lock()
@@ -134,8 +137,9 @@ def main() -> None:
     parser.add_argument("--context-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--gpu-layers", type=int, default=0, help="n_gpu_layers (-1 = all)")
     args = parser.parse_args()
-    app = create_app(args.model, args.context_size, args.threads, args.batch)
+    app = create_app(args.model, args.context_size, args.threads, args.batch, args.gpu_layers)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

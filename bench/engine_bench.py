@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--context-size", type=int, default=512)
     parser.add_argument("--token-budget", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-layers", type=int, default=0, help="n_gpu_layers (-1 = all)")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -115,6 +116,7 @@ def main() -> None:
         context_size=args.context_size,
         token_budget=args.token_budget,
         threads=args.threads,
+        gpu_layers=args.gpu_layers,
     )
     engine.load()
     try:

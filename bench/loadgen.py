@@ -6,10 +6,12 @@ latency (send → ``[DONE]``). Prompts are token ids: a fixed number of random i
 the same ids for the same request index on every system, and different for every request so
 that no server can reuse a cached prompt. Output length is fixed with ``ignore_eos``.
 
-Two modes, both bounded in requests and time:
+Three modes, all bounded in requests and time:
 
 * closed loop: ``concurrency`` workers, each sends its next request when its last one ends;
-* open loop: Poisson arrivals at ``rate`` requests per second, at most ``max_in_flight`` open.
+* open loop: Poisson arrivals at ``rate`` requests per second, at most ``max_in_flight`` open;
+* waves (the seed tutorial's load test, non-streaming): ``wave`` requests at once, the next
+  wave when all of them have answered.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class RequestResult:
     cached_tokens: int | None = None
     text: str = ""
     error: str | None = None
+    # What the server said the request took (llamaherd's /v1/generate: latency_ms), if it says.
+    server_latency_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,6 +219,66 @@ async def open_loop(
     return results, wall
 
 
+async def post_one(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], index: int
+) -> RequestResult:
+    """One non-streaming request: llamaherd's ``/v1/generate`` (``tokens_generated``,
+    ``latency_ms``) or an OpenAI ``/v1/completions`` (``usage``). No stream, so the first
+    chunk is the whole reply."""
+    result = RequestResult(index=index, sent=time.perf_counter())
+    try:
+        resp = await client.post(url, json=payload)
+        now = time.perf_counter()
+        if resp.status_code != 200:
+            result.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            return result
+        body = resp.json()
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:200]
+        return result
+    result.first_chunk = result.done = now
+    usage = body.get("usage") or {}
+    tokens = body.get("tokens_generated", usage.get("completion_tokens"))
+    result.completion_tokens = None if tokens is None else int(tokens)
+    prompt = body.get("prompt_tokens", usage.get("prompt_tokens"))
+    result.prompt_tokens = None if prompt is None else int(prompt)
+    if body.get("latency_ms") is not None:
+        result.server_latency_ms = float(body["latency_ms"])
+    choices = body.get("choices") or []
+    result.text = body.get("text") or (choices[0].get("text", "") if choices else "")
+    return result
+
+
+async def waves(
+    url: str,
+    payload: Callable[[int], dict[str, Any]],
+    *,
+    n_requests: int,
+    wave: int,
+    first_index: int = 0,
+    time_limit_s: float = 600.0,
+) -> tuple[list[RequestResult], float]:
+    """The seed tutorial's load test: ``wave`` requests sent at once, the next wave when the
+    whole wave has answered (non-streaming). Bounded by ``n_requests`` and ``time_limit_s``
+    (no new wave starts after it)."""
+    results: list[RequestResult] = []
+    async with make_client(wave + 4, time_limit_s) as client:
+        started = time.perf_counter()
+        deadline = started + time_limit_s
+        for start in range(0, n_requests, wave):
+            if time.perf_counter() > deadline:
+                break
+            indices = range(first_index + start, first_index + min(start + wave, n_requests))
+            batch = [post_one(client, url, payload(i), i) for i in indices]
+            left = max(1.0, deadline - time.perf_counter())
+            try:
+                results += await asyncio.wait_for(asyncio.gather(*batch), timeout=left + 30)
+            except TimeoutError:
+                break
+        wall = time.perf_counter() - started
+    return results, wall
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None for no values."""
     if not values:
@@ -255,4 +319,30 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int) -> d
         "itl_ms": pcts(itl),
         "e2e_ms": pcts(e2e),
         "itl_mean_ms": sum(itl) / len(itl) if itl else None,
+    }
+
+
+def summarize_waves(results: list[RequestResult], wall_s: float) -> dict[str, Any]:
+    """Aggregate of a non-streaming load (``waves``): tokens/s over the wall time and the
+    client's end-to-end latency, plus the server's own latency where it reports one."""
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.completion_tokens or 0 for r in ok)
+    e2e = [(r.done - r.sent) * 1000 for r in ok if r.done is not None]
+    server = [r.server_latency_ms for r in ok if r.server_latency_ms is not None]
+
+    def pcts(values: list[float]) -> dict[str, float | None]:
+        return {f"p{q}": percentile(values, q) for q in (50, 95, 99)}
+
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "error_samples": [r.error for r in results if not r.ok][:3],
+        "wall_s": wall_s,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "requests_per_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "mean_output_tokens": tokens / len(ok) if ok else None,
+        "latency_ms": pcts(e2e),
+        "server_latency_ms": pcts(server) if server else None,
     }

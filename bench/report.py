@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 SYSTEMS = ("llamaherd", "llama-server", "one-at-a-time")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 COLORS = {"llamaherd": "tab:blue", "llama-server": "tab:orange", "one-at-a-time": "tab:gray"}
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
+# The seed tutorial's performance targets (shared/SEED-tutorial.md, "Performance Targets").
+SEED_TARGETS = {"tokens_per_s": 500.0, "p50_ms": 200.0, "p95_ms": 500.0, "efficiency": 0.9}
 
 
 def _f(value: float | None, fmt: str = ".0f") -> str:
@@ -84,6 +87,37 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None if r is None else r >= 0.95,
                 "x",
             )
+    seed = (results.get("seed") or {}).get("llamaherd")
+    if seed:
+        t = SEED_TARGETS
+        tps = seed["tokens_per_s"]
+        add(
+            "seed workload: llamaherd tokens/s",
+            tps,
+            t["tokens_per_s"],
+            tps > t["tokens_per_s"],
+            "tok/s",
+        )
+        for q, bound in (("p50", t["p50_ms"]), ("p95", t["p95_ms"])):
+            v = seed["latency_ms"][q]
+            add(
+                f"seed workload: llamaherd latency {q}",
+                v,
+                bound,
+                None if v is None else v < bound,
+                "ms (lower is better)",
+            )
+        eff = (seed.get("batch") or {}).get("efficiency")
+        add(
+            "seed workload: llamaherd batch efficiency",
+            eff,
+            t["efficiency"],
+            None if eff is None else eff > t["efficiency"],
+            "fraction",
+        )
+        util = (seed.get("gpu") or {}).get("utilization_mean_pct")
+        if util is not None:
+            add("seed workload: GPU utilization", util, 80.0, util > 80.0, "%")
     lh_peak = _peak_rss(results, "llamaherd")
     ls_peak = _peak_rss(results, "llama-server")
     py = (results.get("python_baseline_rss_kb") or {}).get("imports")
@@ -105,6 +139,59 @@ def _peak_rss(results: dict[str, Any], system: str) -> int | None:
     return max(peaks) if peaks else None
 
 
+def _gpu_words(machine: dict[str, Any]) -> str:
+    gpus = machine.get("gpu")
+    if not gpus:
+        return "no GPU"
+    return ", ".join(
+        f"{g.get('name', '?')} ({g.get('memory.total', '?')}, "
+        f"driver {g.get('driver_version', '?')})"
+        for g in gpus
+    )
+
+
+def _seed_section(results: dict[str, Any]) -> list[str]:
+    seed = results.get("seed")
+    if not seed:
+        return []
+    w = results["meta"]["workload"].get("seed") or {}
+    t = SEED_TARGETS
+    lines = [
+        "",
+        f"## The seed's workload ({w.get('requests')} requests, waves of {w.get('wave')})",
+        "",
+        f"shared/SEED-tutorial.md, Step 5: prompt `Explain topic {{i}}`, max_tokens "
+        f"{w.get('max_tokens')}, priority i % 3, non-streaming; a wave of requests at once, the "
+        "next when all have answered. llamaherd: its `/v1/generate`; llama-server: the same "
+        "prompts over `/v1/completions` at temperature 0.7 (llamaherd's default). Targets: "
+        f"> {t['tokens_per_s']:.0f} tokens/s, latency p50 < {t['p50_ms']:.0f} ms and p95 < "
+        f"{t['p95_ms']:.0f} ms, batch efficiency (mean sequences per decode / min(wave, slots)) "
+        f"> {t['efficiency']:.0%}, GPU utilization > 80%. Latency is the client's, send to reply; "
+        "llamaherd's own `latency_ms` beside it.",
+        "",
+        "| system | tok/s | req/s | latency p50 / p95 / p99 | server latency_ms p50 / p95 "
+        "| mean tokens | mean batch | efficiency | GPU util mean / max | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in SYSTEMS:
+        p = seed.get(s)
+        if not p:
+            continue
+        batch = p.get("batch") or {}
+        gpu = p.get("gpu") or {}
+        server = p.get("server_latency_ms")
+        lines.append(
+            f"| {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
+            f"{_pcts(p['latency_ms'])} | "
+            f"{(_f(server['p50']) + ' / ' + _f(server['p95'])) if server else '-'} | "
+            f"{_f(p.get('mean_output_tokens'), '.1f')} | {_f(batch.get('mean'), '.1f')} | "
+            f"{_f(batch.get('efficiency'), '.2f')} | "
+            f"{_f(gpu.get('utilization_mean_pct'))} / {_f(gpu.get('utilization_max_pct'))} | "
+            f"{p['ok']}/{p['requests']} |"
+        )
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -116,16 +203,26 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Started {meta['started']}, took {meta.get('duration_s', '?')} s; "
         f"git {m['git_commit']}.",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
-        f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']} (no GPU).",
+        f"Python {m['python']}, llama-cpp-python {m['llama_cpp_python']} ({_gpu_words(m)}).",
         f"- Load average (1/5/15 min) at start {meta['loadavg_start']}, at end "
         f"{meta.get('loadavg_end')}. Per point, `other / steal` is the CPU that other processes "
         f"used while it ran and the CPU the hypervisor stole, in cores.",
         f"- Model: generated llama-architecture GGUF, {results['meta']['model']['params_m']}M "
         f"parameters, F16, random weights.",
         f"- Servers: {cfg['slots']} slots x {cfg['context_per_slot']} tokens, {cfg['threads']} "
-        f"threads, batch {cfg['batch']}. Requests: {w['prompt_tokens']} prompt tokens (random ids, "
+        f"threads, batch {cfg['batch']}"
+        + (f", GPU layers {cfg['gpu_layers']}" if cfg.get("gpu_layers") is not None else "")
+        + f". Requests: {w['prompt_tokens']} prompt tokens (random ids, "
         f"unique per request), {w['max_tokens']} output tokens (`ignore_eos`), top-k "
         f"{w['top_k']} + temperature {w['temperature']}, streamed.",
+    ]
+    if meta.get("skipped"):
+        lines.append(
+            f"- Skipped, out of the time budget ({meta.get('time_budget_s')} s): "
+            + ", ".join(meta["skipped"])
+            + "."
+        )
+    lines += [
         "",
         "## Targets",
         "",
@@ -134,16 +231,21 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for t in targets(results):
         verdict = "n/a" if t["ok"] is None else ("pass" if t["ok"] else "**MISS**")
-        fmt = ".0f" if t["unit"] == "MiB" else ".3f"
+        fmt = ".0f" if t["unit"] in ("MiB", "tok/s", "%") or t["unit"].startswith("ms") else ".3f"
         bound = _f(t["bound"], fmt)
         if t["unit"].startswith("x (lower"):
             bound = f"<= {bound}"
         elif t["unit"] == "MiB":
             bound = f"<= {bound} MiB"
+        elif t["unit"].startswith("ms"):
+            bound = f"< {bound} ms"
+        elif t["unit"] in ("tok/s", "%", "fraction"):
+            bound = f"> {bound}" + ("" if t["unit"] == "fraction" else f" {t['unit']}")
         else:
             bound = f">= {bound}"
         lines.append(f"| {t['target']} | {_f(t['value'], fmt)} | {bound} | {verdict} |")
 
+    lines += _seed_section(results)
     lines += [
         "",
         "## Closed loop (concurrency sweep)",
@@ -363,13 +465,14 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     md = markdown(results)
     (out / "results.md").write_text(md)
     plots(results, out)
-    if results["meta"]["mode"] == "full":
+    # Only the default full run's results are the README's (not a run written elsewhere).
+    if results["meta"]["mode"] == "full" and out.resolve() == DEFAULT_OUT:
         body = md.split("\n", 2)[2].replace("\n## ", "\n### ")
         update_readme(out.parent / "README.md", body)
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT
     results = json.loads((out / "results.json").read_text())
     write_report(results, out)
     print(f"wrote {out}/results.md and plots")

@@ -45,6 +45,10 @@ SLOTS = 16
 CONTEXT = 512
 THREADS = 2
 BATCH = 512
+# Layers on the GPU (-1 = all) for every system; None: no flag at all (llama-server's default).
+GPU_LAYERS: int | None = None
+# Below this many seconds of the time budget, a load point is skipped.
+MIN_POINT_S = 10.0
 
 
 def log(msg: str) -> None:
@@ -270,6 +274,34 @@ def llama_server_batch(before: dict | None, after: dict | None) -> dict[str, Any
 # ---- phases --------------------------------------------------------------------------
 
 
+class Budget:
+    """What is left of ``--time-budget-s`` (infinite without one)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def limit(self, most: float) -> float:
+        """A time limit for the next phase: ``most``, or what is left when that is less."""
+        return max(1.0, min(most, self.left()))
+
+
+def model_params_m(path: Path) -> float:
+    """Parameters of a GGUF model, in millions (from its tensor shapes)."""
+    from gguf import GGUFReader
+
+    return round(sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors) / 1e6, 1)
+
+
+def gpu_layers_flags(flag: str, value: int | None, all_word: str | None = None) -> list[str]:
+    """``[flag, value]`` when a GPU layer count is set (``all_word`` stands for -1)."""
+    if value is None:
+        return []
+    return [flag, all_word if value == -1 and all_word else str(value)]
+
+
 def ensure_model() -> Path:
     path = CACHE / "models" / "bench-seed0.gguf"
     if not path.exists():
@@ -328,6 +360,7 @@ def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
                 str(BATCH),
                 "--log-level",
                 "warning",
+                *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
             ],
             ports[0],
             "/ready",
@@ -361,6 +394,7 @@ def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
                 "--metrics",
                 "--cache-ram",
                 "0",
+                *gpu_layers_flags("-ngl", GPU_LAYERS, "all"),
             ],
             ports[1],
             "/health",
@@ -382,6 +416,7 @@ def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
                 str(THREADS),
                 "--batch",
                 str(BATCH),
+                *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
             ],
             ports[2],
             "/health",
@@ -436,6 +471,7 @@ async def run_point(
     n_requests: int,
     first_index: int,
     our_pids: list[int],
+    time_limit_s: float = 600.0,
 ) -> dict[str, Any]:
     url = server.base + "/v1/completions"
     before_text = server.scrape()
@@ -449,6 +485,7 @@ async def run_point(
                 concurrency=concurrency,
                 n_requests=n_requests,
                 first_index=first_index,
+                time_limit_s=time_limit_s,
             )
         else:
             results, wall = await loadgen.open_loop(
@@ -457,6 +494,7 @@ async def run_point(
                 rate=rate,
                 n_requests=n_requests,
                 first_index=first_index,
+                time_limit_s=time_limit_s,
             )
     after_text = server.scrape()
     summary = loadgen.summarize(results, wall, workload.max_tokens)
@@ -530,7 +568,72 @@ def describe(summary: dict[str, Any]) -> str:
     )
 
 
-def run_engine_bench(model: Path, batches: list[int], repeats: int, tmp: Path) -> dict[str, Any]:
+# The seed tutorial's load test (shared/SEED-tutorial.md, "Step 5: Testing"): prompt
+# "Explain topic {i}", max_tokens 100, priority i % 3, waves of 50 concurrent requests, against
+# its targets (>500 tokens/s, p50 latency <200 ms, p95 <500 ms, batch efficiency >90%).
+SEED_SYSTEMS = ("llamaherd", "llama-server")
+
+
+def seed_request(system: str, i: int, max_tokens: int, model_name: str) -> tuple[str, dict]:
+    """The path and body of seed request ``i``: llamaherd gets the tutorial's own
+    ``/v1/generate`` body; llama-server the same prompt over ``/v1/completions`` with
+    llamaherd's /v1/generate sampling defaults (temperature 0.7, nothing else)."""
+    prompt = f"Explain topic {i}"
+    if system == "llamaherd":
+        return "/v1/generate", {"prompt": prompt, "max_tokens": max_tokens, "priority": i % 3}
+    return "/v1/completions", {
+        "model": model_name,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "samplers": ["top_k", "temperature"],
+    }
+
+
+async def run_seed_workload(
+    server: Server,
+    model_name: str,
+    *,
+    n_requests: int,
+    wave: int,
+    max_tokens: int,
+    time_limit_s: float,
+) -> dict[str, Any]:
+    path, _ = seed_request(server.name, 0, max_tokens, model_name)
+    before_text = server.scrape()
+    with GpuSampler() as gpu:
+        results, wall = await loadgen.waves(
+            server.base + path,
+            lambda i: seed_request(server.name, i, max_tokens, model_name)[1],
+            n_requests=n_requests,
+            wave=wave,
+            time_limit_s=time_limit_s,
+        )
+    after_text = server.scrape()
+    summary = loadgen.summarize_waves(results, wall)
+    summary["path"] = path
+    summary["gpu"] = gpu.summary
+    if server.name == "llamaherd":
+        summary["batch"] = batch_distribution(
+            llamaherd_hist(before_text, "llamaherd_batch_size"),
+            llamaherd_hist(after_text, "llamaherd_batch_size"),
+        )
+    else:
+        summary["batch"] = llama_server_batch(
+            llama_server_decodes(before_text), llama_server_decodes(after_text)
+        )
+    if summary["batch"]:
+        # Sequences per decode against the most that could share one.
+        summary["batch"]["efficiency"] = summary["batch"]["mean"] / min(wave, SLOTS)
+    return summary
+
+
+def run_engine_bench(
+    model: Path, batches: list[int], repeats: int, tmp: Path, timeout_s: float = 900.0
+) -> dict[str, Any]:
     out = tmp / "engine.json"
     subprocess.run(
         [
@@ -552,9 +655,10 @@ def run_engine_bench(model: Path, batches: list[int], repeats: int, tmp: Path) -
             str(BATCH),
             "--json",
             str(out),
+            *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
         ],
         check=True,
-        timeout=900,
+        timeout=timeout_s,
         cwd=ROOT,
     )
     return json.loads(out.read_text())
@@ -580,15 +684,18 @@ def parse_batched_bench(text: str) -> dict[str, dict[str, float]]:
 
 
 def run_batched_bench(
-    bindir: Path, model: Path, batches: list[int], repeats: int
+    bindir: Path, model: Path, batches: list[int], repeats: int, timeout_s: float = 600.0
 ) -> dict[str, Any]:
     argv = [str(bindir / "llama-batched-bench"), "-m", str(model), "-c", str(SLOTS * CONTEXT)]
     argv += ["-b", str(BATCH), "-ub", str(BATCH), "-npp", "32", "-ntg", "48"]
     argv += ["-npl", ",".join(map(str, batches)), "-t", str(THREADS), "-tb", str(THREADS)]
     argv.append("--kv-unified")
+    argv += gpu_layers_flags("-ngl", GPU_LAYERS, "all")
     runs = []
+    deadline = time.monotonic() + timeout_s
     for _ in range(repeats):
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+        left = max(1.0, deadline - time.monotonic())
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=left, check=True)
         runs.append(parse_batched_bench(out.stdout + out.stderr))
     rows: dict[str, dict[str, Any]] = {}
     for b in runs[0]:
@@ -599,6 +706,88 @@ def run_batched_bench(
         }
         rows[b]["runs_tg_tokens_per_s"] = [v["tg_tokens_per_s"] for v in vals]
     return {"argv": " ".join(argv), "rows": rows}
+
+
+def gpu_info() -> list[dict[str, str]] | None:
+    """The NVIDIA GPUs nvidia-smi lists (name, memory, driver), or None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = "name,memory.total,driver_version,compute_cap"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    keys = query.split(",")
+    return [
+        dict(zip(keys, (c.strip() for c in line.split(",")), strict=False))
+        for line in out.splitlines()
+        if line.strip()
+    ]
+
+
+def parse_gpu_samples(text: str) -> list[tuple[float, float]]:
+    """(utilization %, memory used MiB) per line of ``nvidia-smi --query-gpu=utilization.gpu,
+    memory.used --format=csv,noheader,nounits``; lines that are not two numbers are skipped."""
+    samples = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 2:
+            continue
+        try:
+            samples.append((float(cells[0]), float(cells[1])))
+        except ValueError:
+            continue
+    return samples
+
+
+class GpuSampler:
+    """GPU utilization and memory from ``nvidia-smi`` every ``interval_ms`` while a phase runs;
+    nothing without nvidia-smi."""
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.interval_ms = interval_ms
+        self.summary: dict[str, Any] | None = None
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={self.interval_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            out, _ = self._proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, _ = self._proc.communicate()
+        samples = parse_gpu_samples(out)
+        if samples:
+            utils = [u for u, _ in samples]
+            self.summary = {
+                "samples": len(samples),
+                "utilization_mean_pct": sum(utils) / len(utils),
+                "utilization_max_pct": max(utils),
+                "memory_used_max_mib": max(m for _, m in samples),
+            }
 
 
 def machine_info() -> dict[str, Any]:
@@ -626,6 +815,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "llama_cpp_python": llama_cpp.__version__,
         "git_commit": commit,
+        "gpu": gpu_info(),
     }
 
 
@@ -644,23 +834,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rounds = args.rounds
     if args.concurrency:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if args.engine_batches:
+        engine_batches = [int(b) for b in args.engine_batches.split(",")]
+    if args.repeats:
+        repeats = args.repeats
+    budget = Budget(args.time_budget_s)
+    skipped: list[str] = []
 
     def n_requests(c: int) -> int:
         if args.requests:
             return args.requests
+        if args.requests_per_stream:
+            return max(args.requests_min or 0, args.requests_per_stream * c)
         return max(8, c) if args.quick else max(24, 4 * c)
 
     workload = loadgen.Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
-    model = ensure_model()
+    model = args.model or ensure_model()
     model_name = model.stem
-    bindir = ensure_binaries()
+    bindir = args.bindir or ensure_binaries()
     started = dt.datetime.now(dt.UTC)
     results: dict[str, Any] = {
         "meta": {
             "mode": "quick" if args.quick else "full",
             "started": started.isoformat(timespec="seconds"),
             "machine": machine_info(),
-            "model": {"path": str(model), "params_m": 219.7, "dtype": "f16"},
+            "model": {"path": str(model), "params_m": model_params_m(model), "dtype": "f16"},
             "workload": {
                 "prompt_tokens": workload.prompt_tokens,
                 "max_tokens": workload.max_tokens,
@@ -674,13 +872,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "open_loop": None
                 if args.quick
                 else {"rate_rps": args.open_rate, "requests": args.open_requests},
+                "seed": {
+                    "requests": args.seed_requests,
+                    "wave": args.seed_concurrency,
+                    "max_tokens": args.seed_max_tokens,
+                }
+                if args.seed_workload
+                else None,
             },
             "server_config": {
                 "slots": SLOTS,
                 "context_per_slot": CONTEXT,
                 "threads": THREADS,
                 "batch": BATCH,
+                "gpu_layers": GPU_LAYERS,
             },
+            "time_budget_s": args.time_budget_s,
             "loadavg_start": loadavg(),
         },
         "systems": {},
@@ -691,14 +898,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results["python_baseline_rss_kb"] = python_baseline_rss()
 
     if not args.skip_engine:
-        log("engine-only microbenchmark (llamaherd Engine, no HTTP)")
-        results["engine"] = {
-            "llamaherd": run_engine_bench(model, engine_batches, repeats, args.tmp),
-            "batched_bench": run_batched_bench(bindir, model, engine_batches, repeats),
-            "loadavg_after": loadavg(),
-        }
+        if budget.left() < 4 * MIN_POINT_S:
+            skipped.append("engine-only microbenchmark")
+        else:
+            log("engine-only microbenchmark (llamaherd Engine, no HTTP)")
+            try:
+                results["engine"] = {
+                    "llamaherd": run_engine_bench(
+                        model, engine_batches, repeats, args.tmp, budget.limit(900)
+                    ),
+                    "batched_bench": run_batched_bench(
+                        bindir, model, engine_batches, repeats, budget.limit(600)
+                    ),
+                    "loadavg_after": loadavg(),
+                }
+            except subprocess.TimeoutExpired:
+                skipped.append("engine-only microbenchmark (ran out of the time budget)")
 
-    servers = make_servers(model, bindir, args.tmp)
+    servers = make_servers(model, bindir, args.logs or args.tmp)
     if args.systems:
         keep = set(args.systems.split(","))
         servers = [s for s in servers if s.name in keep]
@@ -716,6 +933,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             s.info["rss_idle_kb"] = rss_kb(s.pid)
             log(f"{s.name} ready, idle RSS {s.info['rss_idle_kb'] / 1024:.0f} MiB")
         our_pids = [os.getpid()] + [s.pid for s in servers]
+        if args.seed_workload:
+            results["seed"] = {}
+            for s in servers:
+                if s.name not in SEED_SYSTEMS:
+                    continue
+                if budget.left() < MIN_POINT_S:
+                    skipped.append(f"seed workload {s.name}")
+                    continue
+                seed = await run_seed_workload(
+                    s,
+                    model_name,
+                    n_requests=args.seed_requests,
+                    wave=args.seed_concurrency,
+                    max_tokens=args.seed_max_tokens,
+                    time_limit_s=budget.limit(600),
+                )
+                results["seed"][s.name] = seed
+                log(
+                    f"seed workload {s.name:14s} {seed['tokens_per_s']:7.1f} tok/s  latency "
+                    f"p50 {seed['latency_ms']['p50'] or 0:.0f} ms p95 "
+                    f"{seed['latency_ms']['p95'] or 0:.0f} ms  ok {seed['ok']}/{seed['requests']}"
+                )
         index = 0
         for k, c in enumerate(concurrencies):
             # Take turns, rotating who goes first and reversing the order every other round,
@@ -725,6 +964,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(rounds):
                 order = servers[k % len(servers) :] + servers[: k % len(servers)]
                 for s in order[:: -1 if r % 2 else 1]:
+                    if budget.left() < MIN_POINT_S:
+                        skipped.append(f"c={c} {s.name} round {r + 1}")
+                        continue
                     part = await run_point(
                         s,
                         workload,
@@ -734,17 +976,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         n_requests=per_round,
                         first_index=index,
                         our_pids=our_pids,
+                        time_limit_s=budget.limit(600),
                     )
                     parts[s.name].append(part)
                     log(f"c={c:2d} {s.name:14s} {describe(part)}")
                 index += per_round
             for s in servers:
+                if not parts[s.name]:
+                    continue
                 merged = merge_rounds(parts[s.name], workload.max_tokens)
                 results["closed_loop"][s.name][str(c)] = merged
                 if rounds > 1:
                     log(f"c={c:2d} {s.name:14s} {describe(merged)} (all rounds)")
         if not args.quick:
             for s in servers:
+                if budget.left() < MIN_POINT_S:
+                    skipped.append(f"open loop {s.name}")
+                    continue
                 summary = await run_point(
                     s,
                     workload,
@@ -754,6 +1002,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     n_requests=args.open_requests,
                     first_index=index,
                     our_pids=our_pids,
+                    time_limit_s=budget.limit(600),
                 )
                 summary.pop("_raw")
                 results["open_loop"][s.name] = summary
@@ -763,13 +1012,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for s in servers:
             s.stop()
+    if skipped:
+        log(f"skipped for the time budget: {', '.join(skipped)}")
+    results["meta"]["skipped"] = skipped
     results["meta"]["loadavg_end"] = loadavg()
     results["meta"]["duration_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())
     return results
 
 
 def main() -> None:
-    global THREADS
+    global SLOTS, CONTEXT, THREADS, BATCH, GPU_LAYERS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and requests")
     parser.add_argument(
@@ -777,6 +1029,12 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", help="comma-separated list (overrides the mode's)")
     parser.add_argument("--requests", type=int, help="requests per point (overrides the mode's)")
+    parser.add_argument(
+        "--requests-per-stream",
+        type=int,
+        help="requests per point = max(--requests-min, this x concurrency) (overrides the mode's)",
+    )
+    parser.add_argument("--requests-min", type=int, help="see --requests-per-stream")
     parser.add_argument("--rounds", type=int, help="rounds per point (overrides the mode's)")
     parser.add_argument("--systems", help="comma-separated subset of the three systems")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -784,12 +1042,43 @@ def main() -> None:
     parser.add_argument("--open-rate", type=float, default=4.0, help="open loop, requests/s")
     parser.add_argument("--open-requests", type=int, default=48)
     parser.add_argument("--skip-engine", action="store_true")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (debugging only)")
+    parser.add_argument("--engine-batches", help="engine-only batch sizes (overrides the mode's)")
+    parser.add_argument("--repeats", type=int, help="engine-only runs per batch size")
+    parser.add_argument("--threads", type=int, default=THREADS, help="llama.cpp threads")
+    parser.add_argument("--slots", type=int, default=SLOTS, help="parallel sequences per server")
+    parser.add_argument(
+        "--context-size", type=int, default=CONTEXT, help="tokens per slot (llama-server: x slots)"
+    )
+    parser.add_argument("--batch", type=int, default=BATCH, help="llama.cpp batch / token budget")
+    parser.add_argument(
+        "--gpu-layers", type=int, help="layers on the GPU for every system (-1 = all)"
+    )
+    parser.add_argument("--model", type=Path, help="a GGUF model (default: the bench preset)")
+    parser.add_argument(
+        "--bindir", type=Path, help="llama-server and llama-batched-bench (default: build them)"
+    )
+    parser.add_argument(
+        "--seed-workload",
+        action="store_true",
+        help="also the seed tutorial's load test (llamaherd /v1/generate, llama-server)",
+    )
+    parser.add_argument("--seed-requests", type=int, default=200)
+    parser.add_argument("--seed-concurrency", type=int, default=50, help="requests per wave")
+    parser.add_argument("--seed-max-tokens", type=int, default=100)
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="stop starting phases and load points past this many seconds; results stay",
+    )
+    parser.add_argument("--logs", type=Path, help="write the server logs here (kept)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs")
     args = parser.parse_args()
-    THREADS = args.threads
+    SLOTS, CONTEXT, THREADS, BATCH = args.slots, args.context_size, args.threads, args.batch
+    GPU_LAYERS = args.gpu_layers
     if args.out is None:
         args.out = ROOT / "bench" / "results" / ("quick" if args.quick else "")
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     args.tmp = Path(tempfile.mkdtemp(prefix="llamaherd-bench-"))
     try:
         results = asyncio.run(main_async(args))

@@ -759,9 +759,8 @@ class Engine:
             # greedy samplers, without a pass over the vocabulary per sequence).
             tokens = dict(zip(greedy, backend.argmax(greedy, len(outputs)), strict=True))
             for row, (index, seq) in enumerate(outputs):
-                token = tokens.get(row)
-                if token is None:
-                    token = backend.sample(seq.sampler, index)
+                picked = tokens.get(row)
+                token = backend.sample(seq.sampler, index) if picked is None else picked
                 self._accept_token(seq, token, now)
         else:
             for index, seq in outputs:

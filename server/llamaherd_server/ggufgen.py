@@ -5,6 +5,7 @@ only its weights are noise, so its text is gibberish. No model is ever downloade
 
     python -m llamaherd_server.ggufgen --preset demo --out models/demo.gguf
     python -m llamaherd_server.ggufgen --n-embd 1024 --n-layer 12 --vocab 32000 --out m.gguf
+    python -m llamaherd_server.ggufgen --preset gpu-1b --out gpu-1b.gguf   # ~1.1B, 2.2 GB
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ PRESETS: dict[str, ModelShape] = {
     "demo": ModelShape(n_embd=512, n_layer=8, n_head=8, n_head_kv=8, n_ff=1376, vocab=8192),
     # ~220M parameters: the benchmark model.
     "bench": ModelShape(n_embd=1024, n_layer=12, n_head=16, n_head_kv=16, n_ff=2816, vocab=32000),
+    # ~1.1B parameters, TinyLlama's shape (grouped-query attention, 4 KV heads): the GPU bench.
+    "gpu-1b": ModelShape(n_embd=2048, n_layer=22, n_head=32, n_head_kv=4, n_ff=5632, vocab=32000),
 }
 
 

@@ -4,6 +4,10 @@ dashboards and the alerts read. Change a name here and the contract tests say wh
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,6 +18,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # The *_created series double every counter and histogram for no use here.
 disable_created_metrics()
@@ -82,6 +88,53 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+class EngineHistogram:
+    """A histogram that only the engine's scheduler thread writes: an observation is a
+    bisect and two additions, without prometheus_client's lock (about a microsecond each, and
+    the engine makes several per step and one per generated token). A scrape reads a copy;
+    it may miss the observation being made at that instant, never corrupt one."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last: above every bound (+Inf)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts, total = list(self._counts), self._sum
+        buckets, cumulative = [], 0
+        for bound, count in zip((*self._bounds, math.inf), counts, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
+class EngineCounter:
+    """A counter that only the engine's scheduler thread increments (see EngineHistogram)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._value = 0.0
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self._value += amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self._value)
+
+
 class ServerMetrics:
     """The server's metrics, each in a registry of its own so that tests can run many."""
 
@@ -103,13 +156,14 @@ class ServerMetrics:
         self.request_latency = Histogram(
             REQUEST_LATENCY, "Arrival to last token.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.time_to_first_token = Histogram(
+        # Written per step or per token by the scheduler thread only: lock-free.
+        self.time_to_first_token = EngineHistogram(
             TIME_TO_FIRST_TOKEN,
             "Arrival to first generated token.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = EngineHistogram(
             INTER_TOKEN_LATENCY,
             "Time between consecutive generated tokens of one sequence.",
             buckets=TOKEN_LATENCY_BUCKETS,
@@ -118,8 +172,8 @@ class ServerMetrics:
         self.queue_wait = Histogram(
             QUEUE_WAIT, "Arrival to admission into a slot.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
-        self.prompt_cached_tokens = Counter(
+        self.prompt_tokens = EngineCounter(PROMPT_TOKENS, "Prompt tokens prefilled.", registry=r)
+        self.prompt_cached_tokens = EngineCounter(
             PROMPT_CACHED_TOKENS,
             "Prompt tokens served from the prefix cache instead of prefilled.",
             registry=r,
@@ -139,20 +193,20 @@ class ServerMetrics:
             "Bytes of cached prefixes saved in host memory (out of the KV cache).",
             registry=r,
         )
-        self.generated_tokens = Counter(GENERATED_TOKENS, "Tokens generated.", registry=r)
+        self.generated_tokens = EngineCounter(GENERATED_TOKENS, "Tokens generated.", registry=r)
         self.requests = Counter(REQUESTS, "Finished requests by outcome.", ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
-        self.batch_size = Histogram(
+        self.batch_size = EngineHistogram(
             BATCH_SIZE, "Sequences in one llama_decode call.", buckets=BATCH_BUCKETS, registry=r
         )
-        self.batch_tokens = Histogram(
+        self.batch_tokens = EngineHistogram(
             BATCH_TOKENS,
             "Tokens in one llama_decode call (decode plus prefill).",
             buckets=BATCH_TOKEN_BUCKETS,
             registry=r,
         )
-        self.decode_step = Histogram(
+        self.decode_step = EngineHistogram(
             DECODE_STEP,
             "Wall time of one engine iteration's llama_decode.",
             buckets=TOKEN_LATENCY_BUCKETS,
