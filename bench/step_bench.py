@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as serving  # noqa: E402  (bench/run.py: binaries, batched-bench parsing)
+import run as serving
 
-import llamaherd_server  # noqa: E402
-from llamaherd_server.engine import (  # noqa: E402
+import llamaherd_server
+from llamaherd_server.engine import (
     Engine,
     Failed,
     Finished,
@@ -49,7 +49,7 @@ from llamaherd_server.engine import (  # noqa: E402
     SamplingParams,
     TextChunk,
 )
-from llamaherd_server.metrics import ServerMetrics  # noqa: E402
+from llamaherd_server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd"))
@@ -79,8 +79,16 @@ def ensure_model() -> Path:
         log(f"generating the short-step model at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "llamaherd_server.ggufgen", *SHAPE, "--seed", "0"]
-            + ["--out", str(path)],
+            [
+                sys.executable,
+                "-m",
+                "llamaherd_server.ggufgen",
+                *SHAPE,
+                "--seed",
+                "0",
+                "--out",
+                str(path),
+            ],
             check=True,
         )
     return path
@@ -157,6 +165,7 @@ class Timers:
             backend.batch.fill = timed("fill", batch_fill)
             backend.decode = real_backend_decode
         else:  # older engines fill the ctypes batch inside decode: fill = decode - llama_decode
+
             def decode(entries: Any) -> int:
                 t0 = time.perf_counter()
                 before = self.total["llama_decode"]
@@ -261,21 +270,27 @@ def main() -> None:
                 + " ".join(f"{ours['sampled'][str(b)][-1]:.0f}" for b in batches)
             )
         timers = Timers(engine)
-        profiles = {
-            w: {str(b): profile(engine, timers, b, w) for b in batches} for w in WORKLOADS
-        }
+        profiles = {w: {str(b): profile(engine, timers, b, w) for b in batches} for w in WORKLOADS}
     finally:
         engine.close()
 
     result: dict[str, Any] = {
         "label": args.label,
         "model": {"path": str(model), "shape": " ".join(SHAPE), "params_m": 16.9},
-        "shapes": {"prompt": PROMPT, "gen": GEN, "slots": SLOTS, "context": CONTEXT,
-                   "batch": BATCH, "threads": args.threads},  # fmt: skip
+        "shapes": {
+            "prompt": PROMPT,
+            "gen": GEN,
+            "slots": SLOTS,
+            "context": CONTEXT,
+            "batch": BATCH,
+            "threads": args.threads,
+        },
         "batched_bench_argv": " ".join(argv),
         "repeats": args.repeats,
         "loadavg": loadavg,
-        "batched_bench": {b: {"median": statistics.median(v), "runs": v} for b, v in theirs.items()},
+        "batched_bench": {
+            b: {"median": statistics.median(v), "runs": v} for b, v in theirs.items()
+        },
         "engine": {
             w: {b: {"median": statistics.median(v), "runs": v} for b, v in per_b.items()}
             for w, per_b in ours.items()
@@ -326,8 +341,7 @@ def write_markdown(out: Path) -> None:
                 )
     lines += [
         "",
-        "| run | workload | B | step | llama_decode | fill | sample | accept | deliver "
-        "| other |",
+        "| run | workload | B | step | llama_decode | fill | sample | accept | deliver | other |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in runs.items():
