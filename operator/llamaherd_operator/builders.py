@@ -181,12 +181,11 @@ def server_env(body: Body) -> list[dict[str, Any]]:
     settings = spec.get("server", {})
     for field in sorted(settings, key=server_env_name):
         env.append({"name": server_env_name(field), "value": _env_value(settings[field])})
-    if "gpuLayers" not in settings:
-        # Every layer on the GPU when the pod gets GPUs, none otherwise, whatever the image's
-        # own default (the CUDA image's is all layers).
-        env.append(
-            {"name": server_env_name("gpuLayers"), "value": "-1" if gpu_count(spec) else "0"}
-        )
+    if "gpuLayers" not in settings and gpu_count(spec) > 0:
+        # Every layer on the GPU when the pod gets GPUs, whatever the image's own default.
+        # Without GPUs nothing is set: the server finds no GPU and runs on the CPU (and CPU
+        # services' pod templates stay as they were, so upgrading the operator rolls none).
+        env.append({"name": server_env_name("gpuLayers"), "value": "-1"})
     threads = threads_from_resources(spec)
     if threads is not None:
         env.append(threads)
