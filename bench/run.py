@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -163,6 +164,8 @@ class Server:
             self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
         )
         out.close()
+        # Beside the log, for a caller that must clean up after a killed run (bench/gpu.sh).
+        self.log_path.with_suffix(".pid").write_text(f"{self.proc.pid}\n")
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         assert self.proc is not None
@@ -288,11 +291,16 @@ class Budget:
         return max(1.0, min(most, self.left()))
 
 
-def model_params_m(path: Path) -> float:
-    """Parameters of a GGUF model, in millions (from its tensor shapes)."""
+def model_facts(path: Path) -> dict[str, Any]:
+    """Parameters (millions, from the tensor shapes) and vocabulary size of a GGUF model."""
     from gguf import GGUFReader
 
-    return round(sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors) / 1e6, 1)
+    reader = GGUFReader(str(path))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    return {
+        "params_m": round(sum(int(t.n_elements) for t in reader.tensors) / 1e6, 1),
+        "vocab": len(tokens.data) if tokens is not None else None,
+    }
 
 
 def gpu_layers_flags(flag: str, value: int | None, all_word: str | None = None) -> list[str]:
@@ -446,9 +454,7 @@ def python_baseline_rss() -> dict[str, int | None]:
 
 
 async def warm_up(server: Server, workload: loadgen.Workload, model_name: str) -> None:
-    warm = loadgen.Workload(
-        prompt_tokens=workload.prompt_tokens, max_tokens=8, seed=workload.seed + 99
-    )
+    warm = dataclasses.replace(workload, max_tokens=8, seed=workload.seed + 99)
     results, _ = await loadgen.closed_loop(
         server.base + "/v1/completions",
         lambda i: warm.payload(i, model_name),
@@ -848,8 +854,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             return max(args.requests_min or 0, args.requests_per_stream * c)
         return max(8, c) if args.quick else max(24, 4 * c)
 
-    workload = loadgen.Workload(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
     model = args.model or ensure_model()
+    facts = model_facts(model)
+    workload = loadgen.Workload(
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        vocab=facts["vocab"] or loadgen.Workload.vocab,
+    )
     model_name = model.stem
     bindir = args.bindir or ensure_binaries()
     started = dt.datetime.now(dt.UTC)
@@ -858,7 +869,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "mode": "quick" if args.quick else "full",
             "started": started.isoformat(timespec="seconds"),
             "machine": machine_info(),
-            "model": {"path": str(model), "params_m": model_params_m(model), "dtype": "f16"},
+            "model": {"path": str(model), "params_m": facts["params_m"], "dtype": "f16"},
             "workload": {
                 "prompt_tokens": workload.prompt_tokens,
                 "max_tokens": workload.max_tokens,
@@ -1080,6 +1091,8 @@ def main() -> None:
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     args.tmp = Path(tempfile.mkdtemp(prefix="llamaherd-bench-"))
+    # A terminated run stops its servers on the way out (the finally blocks), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         results = asyncio.run(main_async(args))
         args.out.mkdir(parents=True, exist_ok=True)

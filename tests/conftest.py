@@ -10,13 +10,18 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.harness import MissingBinaryError, free_port
-from tests.harness.controlplane import ControlPlane, ExistingCluster
-from tests.harness.prometheus import Prometheus
+
+if TYPE_CHECKING:
+    # Imported where used: the control plane's harness needs cryptography, which the server
+    # tests do not (bench/gpu.sh runs them with only the server's packages).
+    from tests.harness.controlplane import ControlPlane, ExistingCluster
+    from tests.harness.prometheus import Prometheus
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = (
@@ -159,6 +164,8 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, message: 
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane | ExistingCluster]:
+    from tests.harness.controlplane import ControlPlane, ExistingCluster
+
     kubeconfig = os.environ.get("KUBECONFIG")
     if os.environ.get("LLAMAHERD_TEST_USE_KUBECONFIG") == "1" and kubeconfig:
         yield ExistingCluster(Path(kubeconfig))
@@ -176,6 +183,8 @@ def control_plane() -> Iterator[ControlPlane | ExistingCluster]:
 
 @pytest.fixture(scope="session")
 def prometheus() -> Iterator[Prometheus]:
+    from tests.harness.prometheus import Prometheus
+
     prom = Prometheus()
     try:
         prom.start()

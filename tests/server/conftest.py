@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -95,6 +96,8 @@ def make_engine() -> Iterator[Any]:
 
     def make(model: Path, **kwargs: Any) -> EngineHarness:
         kwargs.setdefault("threads", 1)
+        # bench/gpu.sh runs these tests on a GPU: LLAMAHERD_TEST_GPU_LAYERS=-1.
+        kwargs.setdefault("gpu_layers", int(os.environ.get("LLAMAHERD_TEST_GPU_LAYERS", "0")))
         slots = kwargs.setdefault("slots", 4)
         engine = Engine(model, ServerMetrics(slots), **kwargs)
         engine.load()

@@ -1,0 +1,325 @@
+"""Engine checks that matter on a GPU: llamaherd's Engine on llama.cpp with ``gpu_layers``.
+
+    python bench/gpu_checks.py --model M.gguf --gpu-layers -1 --json checks.json [--require-gpu]
+
+1. devices: what llama.cpp computes on (ggml's device list, as /health reports it); with
+   ``--require-gpu`` a run without a GPU device fails.
+2. continuous batching: 16 concurrent requests all complete and share decode steps (batch sizes
+   above 1 in ``llamaherd_batch_size``); 8 requests admitted while 8 others are generating start
+   before those finish.
+3. temperature 0, alone against batched: 8 prompts decoded greedily one at a time, then all 8
+   at once; per prompt, equal or the first token where they part. Recorded, not asserted:
+   llama.cpp's kernels are not batch-invariant on the CPU (the GPU is what this measures).
+   The prefix cache is off here, so the batched run computes its prompts again.
+
+Exit status 1 when a hard check (1 with --require-gpu, 2) fails; the JSON is written anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamaherd_server.engine import (
+    Engine,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
+from llamaherd_server.metrics import ServerMetrics
+
+FIRST_PLAIN_TOKEN = 259
+PROMPTS = [
+    "Explain topic 0",
+    "the model is here and the queue is long",
+    "hello world, tell me a story about a llama",
+    "write a small answer to this question",
+    "explain the cluster and the server to a user",
+    "Explain topic 1, then topic 2, then the first one again in other words",
+    "data in the cloud is fast and small",
+    "a question for the assistant: what is a batch",
+]
+
+
+@dataclass
+class Tracked:
+    """One request's events: text chunks (text, tokens, time) and how it ended."""
+
+    submitted: float = 0.0
+    chunks: list[tuple[str, int, float]] = field(default_factory=list)
+    end: Finished | Failed | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.chunks[0][2] if self.chunks else None
+
+    @property
+    def finished_at(self) -> float | None:
+        return self.chunks[-1][2] if self.chunks else None
+
+    @property
+    def text(self) -> str:
+        return "".join(c[0] for c in self.chunks)
+
+
+def submit(engine: Engine, prompt: list[int], params: SamplingParams) -> Tracked:
+    tracked = Tracked(submitted=time.perf_counter())
+
+    def emit(event: Any) -> None:
+        if isinstance(event, TextChunk):
+            tracked.chunks.append((event.text, event.n_tokens, time.perf_counter()))
+        else:
+            tracked.end = event
+            tracked.done.set()
+
+    engine.submit(GenerationRequest(prompt_tokens=prompt, params=params, emit=emit))
+    return tracked
+
+
+def wait_all(tracked: list[Tracked], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    return all(t.done.wait(max(0.0, deadline - time.monotonic())) for t in tracked)
+
+
+def first_divergence(
+    a: list[tuple[str, int, float]], b: list[tuple[str, int, float]]
+) -> int | None:
+    """The index of the first generated token where two greedy outputs part (counted from
+    their text chunks; a chunk holds one token unless a UTF-8 character or a held-back stop
+    prefix spans several), or None when they are equal."""
+    tokens = 0
+    for (text_a, n_a, _), (text_b, n_b, _) in zip(a, b, strict=False):
+        if text_a != text_b or n_a != n_b:
+            return tokens
+        tokens += n_a
+    return None if len(a) == len(b) else tokens
+
+
+def hist_delta(engine: Engine, before: dict[str, float]) -> dict[str, Any]:
+    """Decode steps and batch sizes since ``before`` (a snapshot from :func:`hist_snapshot`)."""
+    now = hist_snapshot(engine)
+    steps = now["count"] - before["count"]
+    single = now["le_1"] - before["le_1"]
+    decode_s = now["decode_s"] - before["decode_s"]
+    return {
+        "decode_steps": int(steps),
+        "steps_with_more_than_one_sequence": int(steps - single),
+        "mean_batch": (now["sum"] - before["sum"]) / steps if steps else None,
+        "largest_batch_bucket_le": _largest_bucket(now["buckets"], before["buckets"]),
+        "mean_decode_step_ms": 1000 * decode_s / steps if steps else None,
+    }
+
+
+def _largest_bucket(now: dict[float, float], before: dict[float, float]) -> float | None:
+    """The upper bound of the largest batch-size bucket that gained steps (cumulative
+    buckets: the first bucket whose count reaches the total holds the largest batch)."""
+    deltas = sorted((le, now[le] - before.get(le, 0.0)) for le in now)
+    if not deltas or deltas[-1][1] <= 0:
+        return None
+    total = deltas[-1][1]
+    return next(le for le, n in deltas if n >= total)
+
+
+def hist_snapshot(engine: Engine) -> dict[str, Any]:
+    registry = engine.metrics.registry
+    buckets: dict[float, float] = {}
+    for metric in registry.collect():
+        if metric.name != "llamaherd_batch_size":
+            continue
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
+                buckets[float(sample.labels["le"])] = sample.value
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return registry.get_sample_value(name, labels or {}) or 0.0
+
+    return {
+        "count": value("llamaherd_batch_size_count"),
+        "sum": value("llamaherd_batch_size_sum"),
+        "le_1": value("llamaherd_batch_size_bucket", {"le": "1.0"}),
+        "decode_s": value("llamaherd_decode_step_seconds_sum"),
+        "buckets": buckets,
+    }
+
+
+def check_concurrent(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]:
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, ignore_eos=True)
+    before = hist_snapshot(engine)
+    started = time.perf_counter()
+    tracked = [
+        submit(
+            engine, [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(32)], params
+        )
+        for _ in range(n)
+    ]
+    complete = wait_all(tracked, 300)
+    wall = time.perf_counter() - started
+    finished = [t for t in tracked if isinstance(t.end, Finished)]
+    tokens = sum(t.end.completion_tokens for t in finished if isinstance(t.end, Finished))
+    out = {
+        "requests": n,
+        "finished": len(finished),
+        "failures": [t.end.message for t in tracked if isinstance(t.end, Failed)][:3],
+        "all_answered_in_time": complete,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall else None,
+        **hist_delta(engine, before),
+    }
+    out["ok"] = bool(
+        complete and len(finished) == n and out["steps_with_more_than_one_sequence"] > 0
+    )
+    return out
+
+
+def check_join_midway(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]:
+    """``n`` requests run; once each has generated a quarter of its tokens, ``n`` more come.
+    Continuous batching admits them into the running batch: they start before the first
+    ``n`` finish (a static batch would make them wait for the whole batch)."""
+    rng = random.Random(1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, ignore_eos=True)
+
+    def prompt() -> list[int]:
+        return [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(32)]
+
+    first = [submit(engine, prompt(), params) for _ in range(n)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+        sum(c[1] for c in t.chunks) >= max_tokens // 4 or t.done.is_set() for t in first
+    ):
+        time.sleep(0.001)
+    late = [submit(engine, prompt(), params) for _ in range(n)]
+    complete = wait_all(first + late, 300)
+    first_done = min((t.finished_at for t in first if t.finished_at), default=None)
+    late_started = [t.first_token_at for t in late if t.first_token_at]
+    joined = sum(1 for s in late_started if first_done is not None and s < first_done)
+    return {
+        "first": n,
+        "late": n,
+        "all_finished": complete and all(isinstance(t.end, Finished) for t in first + late),
+        "late_started_before_first_finished": joined,
+        "ok": bool(complete and joined == n),
+    }
+
+
+def check_greedy_alone_vs_batched(engine: Engine, max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    alone = []
+    for p in prompts:
+        t = submit(engine, p, params)
+        wait_all([t], 120)
+        alone.append(t)
+    before = hist_snapshot(engine)
+    batched = [submit(engine, p, params) for p in prompts]
+    wait_all(batched, 300)
+    rows = []
+    for text, a, b in zip(PROMPTS, alone, batched, strict=True):
+        diverge = first_divergence(a.chunks, b.chunks)
+        rows.append(
+            {
+                "prompt": text,
+                "equal": diverge is None,
+                "first_diverging_token": diverge,
+                "alone": a.text[:120],
+                "batched": b.text[:120],
+            }
+        )
+    return {
+        "max_tokens": max_tokens,
+        "prompts": len(rows),
+        "equal": sum(1 for r in rows if r["equal"]),
+        "batched_run": hist_delta(engine, before),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--gpu-layers", type=int, default=-1)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--context-size", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--require-gpu", action="store_true", help="fail without a GPU device")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+
+    out: dict[str, Any] = {"model": str(args.model), "gpu_layers": args.gpu_layers}
+    started = time.perf_counter()
+    engine = Engine(
+        args.model,
+        ServerMetrics(args.slots),
+        slots=args.slots,
+        context_size=args.context_size,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        prefix_cache=False,
+    )
+    engine.load()
+    out["load_s"] = time.perf_counter() - started
+    failed: list[str] = []
+    try:
+        devices = getattr(engine.backend, "devices", None)
+        out["devices"] = devices.as_json(args.gpu_layers) if devices is not None else None
+        has_gpu = bool(out["devices"] and out["devices"]["backend"] == "gpu")
+        out["on_gpu"] = has_gpu
+        if args.require_gpu and not has_gpu:
+            failed.append("no GPU device (llama.cpp computes on the CPU)")
+        print(f"[checks] devices: {json.dumps(out['devices'])}", flush=True)
+
+        out["concurrent"] = check_concurrent(engine, args.slots, args.max_tokens)
+        c = out["concurrent"]
+        print(
+            f"[checks] {c['requests']} concurrent: {c['finished']} finished, "
+            f"{c['tokens_per_s']:.0f} tok/s, mean batch {c['mean_batch'] or 0:.1f}, "
+            f"{c['steps_with_more_than_one_sequence']}/{c['decode_steps']} steps batched, "
+            f"{c['mean_decode_step_ms'] or 0:.1f} ms per step",
+            flush=True,
+        )
+        if not c["ok"]:
+            failed.append("16 concurrent requests did not all complete in shared decode steps")
+
+        out["join_midway"] = check_join_midway(engine, args.slots // 2, 4 * args.max_tokens)
+        j = out["join_midway"]
+        print(
+            f"[checks] {j['late']} admitted mid-generation: "
+            f"{j['late_started_before_first_finished']} started before the first "
+            f"{j['first']} finished",
+            flush=True,
+        )
+        if not j["ok"]:
+            failed.append("requests admitted mid-generation waited for the running batch")
+
+        out["greedy"] = check_greedy_alone_vs_batched(engine, args.max_tokens)
+        g = out["greedy"]
+        print(
+            f"[checks] temperature 0, alone vs batched with {g['prompts'] - 1} others: "
+            f"{g['equal']}/{g['prompts']} equal; first diverging tokens: "
+            f"{[r['first_diverging_token'] for r in g['rows']]}",
+            flush=True,
+        )
+    finally:
+        engine.close()
+    out["failed"] = failed
+    out["ok"] = not failed
+    out["wall_s"] = time.perf_counter() - started
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"[checks] {'ok' if not failed else 'FAILED: ' + '; '.join(failed)}", flush=True)
+    raise SystemExit(0 if not failed else 1)
+
+
+if __name__ == "__main__":
+    main()
