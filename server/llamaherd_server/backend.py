@@ -62,6 +62,16 @@ class Backend(Protocol):
         ``n_outputs`` entries that asked for logits, in batch order. The same tokens as a
         greedy sampler's, without a pass over the vocabulary per sequence through the C API."""
 
+    def softmax_sample(
+        self,
+        rows: Sequence[int],
+        n_outputs: int,
+        temperatures: Sequence[float],
+        uniforms: Sequence[float],
+    ) -> list[int]:
+        """Plain temperature sampling of several outputs at once (see sampling.py): one token
+        per row from softmax(logits / temperature), by inverse CDF of the given uniform."""
+
     def seq_rm(self, seq_id: int) -> None:
         """Drop every KV cell of one sequence."""
 

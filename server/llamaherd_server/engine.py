@@ -27,6 +27,7 @@ tokens to its event loop with ``call_soon_threadsafe``).
 from __future__ import annotations
 
 import codecs
+import enum
 import functools
 import logging
 import math
@@ -38,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .backend import Backend, BatchToken
 from .kvcache import KvEntry, KvPool, Match
@@ -87,6 +90,24 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+class SamplingMode(enum.Enum):
+    GREEDY = "greedy"  # temperature 0: the argmax
+    SOFTMAX = "softmax"  # plain temperature sampling
+    CHAIN = "chain"  # anything else: llama.cpp's sampler chain
+
+
+def sampling_mode(p: SamplingParams) -> SamplingMode:
+    """Which sampler a request needs: the engine samples GREEDY and SOFTMAX sequences of a step
+    together (sampling.py), CHAIN ones one by one through llama.cpp."""
+    if p.has_penalties:
+        return SamplingMode.CHAIN
+    if p.temperature <= 0:
+        return SamplingMode.GREEDY
+    if p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0:
+        return SamplingMode.SOFTMAX
+    return SamplingMode.CHAIN
 
 
 @dataclass
@@ -157,12 +178,13 @@ class _Sequence:
         "emitted",
         "entry",
         "generated",
-        "greedy",
         "last_token_at",
+        "mode",
         "next_token",
         "pos",
         "prompt_i",
         "req",
+        "rng",
         "sampler",
         "seq_id",
         "text",
@@ -180,8 +202,11 @@ class _Sequence:
         self.cached = 0  # prompt tokens attached from the prefix cache
         self.wait: Match | None = None  # a prefix another sequence is still prefilling
         self.accepted = False  # the prompt went to the sampler's penalties
-        # Temperature 0 without penalties: the token is the argmax of the logits.
-        self.greedy = req.params.temperature <= 0 and not req.params.has_penalties
+        # How the engine samples this sequence when the backend can do it for several at
+        # once (sampling.py): GREEDY (temperature 0), SOFTMAX (plain temperature sampling,
+        # with ``rng`` drawing one uniform per token), else llama.cpp's sampler chain.
+        self.mode = sampling_mode(req.params)
+        self.rng: np.random.Generator | None = None
         self.next_token: int | None = None  # sampled, not yet decoded
         self.generated = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -292,7 +317,7 @@ class Engine:
             threads=threads,
             gpu_layers=gpu_layers,
         )
-        self._fast_greedy = callable(getattr(self.backend, "argmax", None))
+        self._fast_sampling = callable(getattr(self.backend, "softmax_sample", None))
         self.kv = KvPool(
             self.backend,
             ids=self.sequences,
@@ -633,7 +658,7 @@ class Engine:
             req.admitted_at = now
             self.metrics.queue_wait.observe(now - req.arrival)
             try:
-                sampler = self._make_sampler(req.params)
+                sampler, seed = self._make_sampler(req.params)
             except BaseException:
                 # Out of the queue, not running yet: the dying engine must still answer it.
                 self._in_hand.append(req)
@@ -644,6 +669,8 @@ class Engine:
                 self._in_hand.append(req)
                 raise RuntimeError("no free sequence id with a free slot")
             seq = _Sequence(req, entry, sampler)
+            if seq.mode is SamplingMode.SOFTMAX:
+                seq.rng = np.random.default_rng(seed)
             self._running[seq.seq_id] = seq
             match = self.kv.match(req.prompt_tokens, exclude=entry)
             entry.planned = req.prompt_tokens
@@ -684,11 +711,13 @@ class Engine:
                 if match is not None:
                     self._attach(seq, match)
 
-    def _make_sampler(self, p: SamplingParams) -> Any:
+    def _make_sampler(self, p: SamplingParams) -> tuple[Any, int]:
+        """llama.cpp's sampler chain for a request, and the seed it (or the engine's own
+        sampling, for SOFTMAX sequences) draws with."""
         seed = p.seed
         if seed is None:
             seed = self.default_seed if self.default_seed >= 0 else random.getrandbits(32)
-        return self.backend.make_sampler(p, seed)
+        return self.backend.make_sampler(p, seed), seed
 
     def _step(self) -> None:
         """One decode step: the pending token of every decoding sequence, then prefill chunks
@@ -753,23 +782,42 @@ class Engine:
         if prefill_tokens:
             self.metrics.prompt_tokens.inc(prefill_tokens)
         now = time.monotonic()
-        greedy = [row for row, (_, seq) in enumerate(outputs) if seq.greedy]
-        if greedy and self._fast_greedy:
-            # One argmax over the logits of every greedy sequence (same tokens as their
-            # greedy samplers, without a pass over the vocabulary per sequence).
-            tokens = dict(zip(greedy, backend.argmax(greedy, len(outputs)), strict=True))
-            for row, (index, seq) in enumerate(outputs):
-                picked = tokens.get(row)
-                token = backend.sample(seq.sampler, index) if picked is None else picked
-                self._accept_token(seq, token, now)
-        else:
-            for index, seq in outputs:
-                self._accept_token(seq, backend.sample(seq.sampler, index), now)
+        picked = self._sample_together(outputs) if self._fast_sampling else {}
+        for row, (index, seq) in enumerate(outputs):
+            fast = picked.get(row)
+            token = backend.sample(seq.sampler, index) if fast is None else fast
+            self._accept_token(seq, token, now)
         self.metrics.generated_tokens.inc(len(outputs))
         # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
         # every entry); a step that prefilled, and every release, refresh them at once.
         if prefill_tokens or now - self._kv_gauges_at >= KV_GAUGE_INTERVAL_S:
             self._set_kv_usage()
+
+    def _sample_together(self, outputs: list[tuple[int, _Sequence]]) -> dict[int, int]:
+        """Tokens of the greedy and plain-temperature sequences of this step, each kind in one
+        vectorised pass over the step's logits (row = position among the outputs)."""
+        greedy: list[int] = []
+        soft: list[int] = []
+        for row, (_, seq) in enumerate(outputs):
+            if seq.mode is SamplingMode.GREEDY:
+                greedy.append(row)
+            elif seq.mode is SamplingMode.SOFTMAX:
+                soft.append(row)
+        picked: dict[int, int] = {}
+        if greedy:
+            tokens = self.backend.argmax(greedy, len(outputs))
+            picked.update(zip(greedy, tokens, strict=True))
+        if soft:
+            temperatures = []
+            uniforms = []
+            for row in soft:
+                seq = outputs[row][1]
+                temperatures.append(seq.req.params.temperature)
+                assert seq.rng is not None
+                uniforms.append(seq.rng.random())
+            tokens = self.backend.softmax_sample(soft, len(outputs), temperatures, uniforms)
+            picked.update(zip(soft, tokens, strict=True))
+        return picked
 
     def _set_kv_usage(self) -> None:
         """The KV gauges: after every step, and after every release (finish, cancel, timeout,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import cudadriver
+from . import cudadriver, sampling
 from .backend import BatchToken
 from .cudadriver import Devices
 from .loadfail import ModelLoadError, check_model_file
@@ -350,16 +350,26 @@ class LlamaBackend:
         token: int = self.lib.llama_sampler_sample(sampler, self.ctx, index)
         return token
 
-    def argmax(self, rows: Sequence[int], n_outputs: int) -> list[int]:
-        # llama_get_logits puts the outputs in batch order first (llama.cpp may have
-        # reordered them across micro-batches); the view is valid until the next decode.
+    def logits(self, n_outputs: int) -> np.ndarray:
+        """The last decode's logits, ``n_outputs`` rows in batch order (llama_get_logits puts
+        them in that order first: llama.cpp may have reordered them across micro-batches).
+        A view of llama.cpp's buffer, valid until the next decode: read it, never write it."""
         address = ctypes.cast(self.lib.llama_get_logits(self.ctx), ctypes.c_void_p).value
         if not address:
             raise RuntimeError("llama.cpp returned no logits")
-        logits = np.asarray(_FloatMatrix(address, n_outputs, self.n_vocab))
-        picked = logits[rows] if len(rows) != n_outputs else logits
-        tokens: list[int] = picked.argmax(axis=1).tolist()
-        return tokens
+        return np.asarray(_FloatMatrix(address, n_outputs, self.n_vocab))
+
+    def argmax(self, rows: Sequence[int], n_outputs: int) -> list[int]:
+        return sampling.argmax_rows(self.logits(n_outputs), rows)
+
+    def softmax_sample(
+        self,
+        rows: Sequence[int],
+        n_outputs: int,
+        temperatures: Sequence[float],
+        uniforms: Sequence[float],
+    ) -> list[int]:
+        return sampling.softmax_sample_rows(self.logits(n_outputs), rows, temperatures, uniforms)
 
     # ---- batches and KV --------------------------------------------------------------
 

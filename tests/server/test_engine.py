@@ -413,3 +413,35 @@ def test_the_greedy_fast_path_picks_what_a_greedy_sampler_picks(
         assert backend.argmax([1, 3], 4) == [expected[1], expected[3]]
     finally:
         backend.free()
+
+
+def test_plain_temperature_sampling_is_the_engines_own_and_seeded(
+    make_engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temperature-only requests (the API's default) are sampled by the engine, all of a
+    step's at once; a seed repeats them, another seed changes them; a request with top-k in
+    the same steps still goes through llama.cpp's sampler chain."""
+    h = make_engine(tiny_model, slots=3, max_wait_ms=50)
+    backend = h.engine.backend
+    chain_calls: list[int] = []
+    real_sample = backend.sample
+
+    def sample(sampler: object, index: int) -> int:
+        chain_calls.append(index)
+        return real_sample(sampler, index)
+
+    monkeypatch.setattr(backend, "sample", sample)
+    plain = dict(max_tokens=40, temperature=0.9, ignore_eos=True)
+    a = h.submit(PROMPTS[0], seed=7, **plain)
+    b = h.submit(PROMPTS[0], seed=8, **plain)
+    chained = h.submit(PROMPTS[1], max_tokens=40, temperature=0.9, top_k=40, ignore_eos=True)
+    for t in (a, b, chained):
+        assert isinstance(t.result, Finished), t.result
+    assert len(chain_calls) == 40, "only the top-k request samples through llama.cpp"
+    assert a.text != b.text
+    # The same seed twice more: the same text (compared within one batch, not with the first
+    # run: llama.cpp on a CPU is not batch-invariant, so the logits themselves may differ).
+    again = [h.submit(PROMPTS[0], seed=7, **plain) for _ in range(2)]
+    for t in again:
+        assert isinstance(t.result, Finished), t.result
+    assert again[0].text == again[1].text
