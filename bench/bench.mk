@@ -1,7 +1,9 @@
 # Serving benchmark (bench/README.md). Included from the root Makefile.
 BENCH_ARGS ?=
 
-.PHONY: bench-deps bench-llama-server bench-prefix
+GPU_OUT ?= /tmp/llamaherd-gpu
+
+.PHONY: bench-deps bench-llama-server bench-prefix bench-gpu bench-gpu-prepare bench-gpu-rehearsal
 
 # matplotlib draws the plots; it belongs in pyproject's `bench` extra.
 bench-deps: setup
@@ -18,3 +20,12 @@ bench-llama-server: ## build llama-server and llama-batched-bench from the pinne
 
 bench-prefix: bench-deps ## prefix-cache benchmark: repeated, shared-prefix and multi-turn traffic vs llama-server (~25 min)
 	$(PY) bench/prefix_bench.py $(BENCH_ARGS)
+
+bench-gpu-prepare: setup ## fill .gpu-carry/ for bench-gpu on a GPU machine without network (bench/README.md)
+	bash bench/gpu_prepare.sh
+
+bench-gpu: ## GPU benchmark, under 8 min on one GPU: checks, llamaherd vs llama-server, the seed's workload -> $(GPU_OUT)
+	bash bench/gpu.sh $(GPU_OUT)
+
+bench-gpu-rehearsal: bench-gpu-prepare ## bench-gpu on this machine without a GPU (every path but CUDA) -> $(GPU_OUT)
+	LLAMAHERD_GPU_REHEARSAL=1 bash bench/gpu.sh $(GPU_OUT)

@@ -26,8 +26,10 @@
 #
 # Environment: LLAMAHERD_GPU_PYTHON (python3), LLAMAHERD_GPU_DEADLINE_S, LLAMAHERD_GPU_WORK
 # (/tmp/lh-gpu), LLAMAHERD_GPU_SITE (/tmp/lh-site), LLAMAHERD_GPU_PRESET (gpu-1b; tiny in a
-# rehearsal), LLAMAHERD_GPU_ARCH (90-real), LLAMAHERD_GPU_BUILD (1: build even when prebuilt
-# libraries work), LLAMAHERD_GPU_TESTS (0: skip the tests step).
+# rehearsal), LLAMAHERD_GPU_ARCH (90-real), LLAMAHERD_GPU_CUDA_FA (OFF: no flash-attention
+# kernels in a build from source, a third less to compile; see bench/gpu_build_llama.sh),
+# LLAMAHERD_GPU_BUILD (1: build even when prebuilt libraries work), LLAMAHERD_GPU_TESTS (0: skip
+# the tests step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,8 +57,11 @@ if [ "$REHEARSAL" = 1 ]; then
     DEADLINE_S=${LLAMAHERD_GPU_DEADLINE_S:-3600}
     PRESET=${LLAMAHERD_GPU_PRESET:-tiny}
     GPU_LAYERS=-1 # asked for, as on the GPU; llama.cpp without a GPU backend runs on the CPU
-    THREADS=2
+    # One thread: llama.cpp's spinning threads and other busy processes on few cores slow
+    # decoding many times over (a rehearsal's numbers mean nothing anyway).
+    THREADS=1
     BUILD_CAP=3000
+    CHECKS_CAP=600
     BENCH_CAP=1200
     BENCH_ARGS=(--slots 16 --context-size 512 --concurrency 1,4,16 --requests-per-stream 1
         --requests-min 4 --engine-batches 1,4 --repeats 1 --open-rate 8 --open-requests 8
@@ -67,6 +72,7 @@ else
     GPU_LAYERS=-1
     THREADS=4
     BUILD_CAP=330
+    CHECKS_CAP=90
     BENCH_CAP=260
     BENCH_ARGS=(--slots 64 --context-size 512 --concurrency 1,2,4,8,16,32
         --requests-per-stream 2 --requests-min 16 --engine-batches 1,2,4,8,16 --repeats 3
@@ -265,73 +271,13 @@ EOF
 }
 
 build_llama_cpp() {
-    local cuda=$1 kind src build args=()
-    kind=$([ "$cuda" = ON ] && echo cuda || echo cpu)
-    src=$WORK/src
-    build=$WORK/build-$kind
-    local key
-    key=$(sha256sum "$CARRY/llama.cpp-src.tar.gz" | cut -c1-16)
-    if [ "$(cat "$src/.key" 2>/dev/null)" != "$key" ]; then
-        rm -rf "$src" && mkdir -p "$src"
-        tar -C "$src" -xzf "$CARRY/llama.cpp-src.tar.gz" || return 1
-        echo "$key" >"$src/.key"
-    fi
-    if [ "$cuda" = ON ]; then
-        local nvcc cuda_root cu13 driver
-        nvcc=$(command -v nvcc) || { say "no nvcc on PATH"; return 1; }
-        cuda_root=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
-        args+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_COMPILER=$nvcc" "-DCUDAToolkit_ROOT=$cuda_root"
-            "-DCMAKE_CUDA_ARCHITECTURES=${LLAMAHERD_GPU_ARCH:-90-real}"
-            # Flash-attention vector kernels for the F16 KV cache only (the default also builds
-            # q4_0, q8_0 and bf16 ones, which nothing here uses): fewer kernels to compile.
-            -DGGML_CUDA_FA_QUANTS=f16-f16)
-        # cuBLAS and cudart: the toolkit's own, else the pip wheels' (no unversioned .so there).
-        if ! ls "$cuda_root"/{lib64,lib,targets/x86_64-linux/lib}/libcublas.so >/dev/null 2>&1; then
-            cu13=$(cuda_pip_libs | head -n 1)
-            if [ -n "$cu13" ] && [ -f "$cu13/libcublas.so.13" ]; then
-                say "cuBLAS from the pip wheels: $cu13"
-                args+=("-DCUDA_cublas_LIBRARY=$cu13/libcublas.so.13"
-                    "-DCUDA_cublasLt_LIBRARY=$cu13/libcublasLt.so.13")
-                if [ -d "$cu13/../include" ] && [ ! -f "$cuda_root/include/cublas_v2.h" ]; then
-                    args+=("-DCMAKE_CUDA_FLAGS=-I$(cd "$cu13/../include" && pwd)")
-                fi
-            else
-                say "no cuBLAS in $cuda_root nor in the pip wheels"
-            fi
-        fi
-        # The driver library for CUDA VMM: the toolkit's stub, else the installed driver's;
-        # without either, no VMM (the legacy memory pool).
-        if ! ls "$cuda_root"/{lib64,lib,targets/x86_64-linux/lib}/stubs/libcuda.so >/dev/null 2>&1; then
-            driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 .*x86-64/ {print $NF; exit}')
-            if [ -n "$driver" ]; then
-                args+=("-DCUDA_cuda_driver_LIBRARY=$driver")
-            else
-                args+=(-DGGML_CUDA_NO_VMM=ON)
-            fi
-        fi
-    else
-        args+=(-DGGML_CUDA=OFF)
-    fi
-    mkdir -p "$OUT/logs/llama.cpp"
-    say "cmake: ${args[*]}"
-    cmake -S "$src/llama.cpp" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=ON -DGGML_CCACHE=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF "${args[@]}" \
-        >"$OUT/logs/llama.cpp/cmake.log" 2>&1 || { tail -n 40 "$OUT/logs/llama.cpp/cmake.log"; return 1; }
-    grep -E "CUDA Toolkit found|Using CMAKE_CUDA_ARCHITECTURES|Including .* backend" \
-        "$OUT/logs/llama.cpp/cmake.log"
-    local started
-    started=$(date +%s)
-    say "building llama, llama-server, llama-batched-bench with -j$NPROC"
-    bounded cmake --build "$build" --target llama llama-server llama-batched-bench -j"$NPROC" \
-        >"$OUT/logs/llama.cpp/build.log" 2>&1 || {
-        tail -n 40 "$OUT/logs/llama.cpp/build.log"
-        return 1
-    }
-    say "llama.cpp ($kind) built in $(($(date +%s) - started))s"
-    LIBDIR=$build/bin
-    BINDIR=$build/bin
+    local dir
+    dir=$(bounded bash "$ROOT/bench/gpu_build_llama.sh" --cuda "$1" --python "$PY" \
+        --arch "${LLAMAHERD_GPU_ARCH:-90-real}" --cuda-fa "${LLAMAHERD_GPU_CUDA_FA:-OFF}" \
+        --src "$CARRY/llama.cpp-src.tar.gz" \
+        --work "$WORK" --logs "$OUT/logs/llama.cpp" | tail -n 1) || return 1
+    LIBDIR=$dir
+    BINDIR=$dir
 }
 
 get_llama_cpp() {
@@ -354,7 +300,8 @@ get_llama_cpp() {
         build_llama_cpp OFF || return 1
     else
         # The CPU libraries of this checkout's venv and the cached CPU llama-server.
-        LIBDIR=$("$ROOT/.venv/bin/python" -c "import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib'))") || return 1
+        LIBDIR=$(env -u PYTHONPATH "$ROOT/.venv/bin/python" -c "import importlib.util as u, os; \
+print(os.path.join(os.path.dirname(u.find_spec('llama_cpp').origin), 'lib'))") || return 1
         BINDIR=$(bash "$ROOT/bench/build_llama_server.sh" 2>/dev/null | tail -n 1) || return 1
         say "rehearsal: venv libraries $LIBDIR, binaries $BINDIR"
     fi
@@ -431,7 +378,7 @@ step llama.cpp "$BUILD_CAP" get_llama_cpp
 export LLAMA_CPP_LIB_PATH=$LIBDIR
 step model-wait 120 wait_model
 [ -f "$MODEL" ] || die "no model"
-step checks 90 run_checks
+step checks "$CHECKS_CAP" run_checks
 BENCH_BUDGET=$(($(left) - 25))
 [ "$BENCH_BUDGET" -gt "$BENCH_CAP" ] && BENCH_BUDGET=$BENCH_CAP
 step bench "$BENCH_BUDGET" run_bench

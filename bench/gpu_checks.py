@@ -104,7 +104,7 @@ def first_divergence(
     return None if len(a) == len(b) else tokens
 
 
-def hist_delta(engine: Engine, before: dict[str, float]) -> dict[str, Any]:
+def hist_delta(engine: Engine, before: dict[str, Any]) -> dict[str, Any]:
     """Decode steps and batch sizes since ``before`` (a snapshot from :func:`hist_snapshot`)."""
     now = hist_snapshot(engine)
     steps = now["count"] - before["count"]
