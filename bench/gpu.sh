@@ -37,6 +37,7 @@ ROOT=$PWD
 mkdir -p "$1" && OUT=$(cd "$1" && pwd)
 mkdir -p "$OUT/env" "$OUT/logs"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
+exec 3>&1 # the log, also for a trap that runs while a step's output goes elsewhere
 
 T0=$(date +%s)
 CARRY=$ROOT/.gpu-carry
@@ -95,6 +96,7 @@ die() { say "FAILED: $*"; exit 1; }
 BG_PIDS=()
 cleanup() {
     local pid f
+    # The servers bench/run.py started (each leads its own session) and bounded commands.
     for f in "$OUT"/logs/*.pid; do
         [ -f "$f" ] || continue
         pid=$(cat "$f")
@@ -104,9 +106,10 @@ cleanup() {
     for pid in "${BG_PIDS[@]}"; do
         kill "$pid" 2>/dev/null
     done
+    sleep 0.5 # the tee into gpu.log catches up
 }
 trap cleanup EXIT
-trap 'say "interrupted"; exit 130' INT TERM
+trap 'say "interrupted" >&3; exit 130' INT TERM
 
 # ---- steps -------------------------------------------------------------------------------
 printf 'step\tseconds\tbudget_s\trc\n' >"$OUT/steps.tsv"
@@ -133,8 +136,21 @@ step() {
     say "step $name: $([ "$rc" = 0 ] && echo done || echo "FAILED (rc $rc)") in $(($(date +%s) - started))s"
     return 0
 }
-# bounded CMD...: CMD under timeout with this step's budget.
-bounded() { timeout --kill-after=15 "$STEP_BUDGET" "$@"; }
+# bounded CMD...: CMD under timeout with this step's budget. timeout leads a process group of
+# its own; its id is kept (exec keeps the shell's) so that an interrupted run ends that group
+# too. It runs as a background job that the shell waits for, since bash runs a trap only once
+# a foreground command has ended (a background job starts with SIGINT ignored: env gives it
+# back its default). Not in a $(...) or a pipeline, where the shell would wait all the same.
+bounded() {
+    local pidfile="$OUT/logs/bounded-$BASHPID-$RANDOM.pid" pid rc
+    bash -c 'echo $$ >"$0"; exec env --default-signal=INT timeout --kill-after=15 "$@"' \
+        "$pidfile" "$STEP_BUDGET" "$@" &
+    pid=$!
+    wait "$pid"
+    rc=$?
+    rm -f "$pidfile"
+    return $rc
+}
 
 detect() {
     say "mode: $([ "$REHEARSAL" = 1 ] && echo "CPU rehearsal (no GPU)" || echo GPU), deadline ${DEADLINE_S}s, $NPROC cores"
@@ -225,6 +241,10 @@ wait_model() {
             sleep 1
             waited=$((waited + 1))
         done
+        if kill -0 "$MODEL_PID" 2>/dev/null; then
+            say "model: still being generated after ${STEP_BUDGET}s"
+            return 1
+        fi
         wait "$MODEL_PID" 2>/dev/null
         cat "$OUT/logs/model.log"
     fi
@@ -271,20 +291,20 @@ EOF
 }
 
 build_llama_cpp() {
-    local dir
-    dir=$(bounded bash "$ROOT/bench/gpu_build_llama.sh" --cuda "$1" --python "$PY" \
+    bounded bash "$ROOT/bench/gpu_build_llama.sh" --cuda "$1" --python "$PY" \
         --arch "${LLAMAHERD_GPU_ARCH:-90-real}" --cuda-fa "${LLAMAHERD_GPU_CUDA_FA:-OFF}" \
-        --src "$CARRY/llama.cpp-src.tar.gz" \
-        --work "$WORK" --logs "$OUT/logs/llama.cpp" | tail -n 1) || return 1
-    LIBDIR=$dir
-    BINDIR=$dir
+        --src "$CARRY/llama.cpp-src.tar.gz" --work "$WORK" --logs "$OUT/logs/llama.cpp" \
+        >"$OUT/logs/llama.cpp.dir" || return 1
+    LIBDIR=$(tail -n 1 "$OUT/logs/llama.cpp.dir")
+    BINDIR=$LIBDIR
 }
 
 get_llama_cpp() {
-    local cu13
+    local cu13 saved=${LD_LIBRARY_PATH:-}
     cu13=$(cuda_pip_libs | paste -sd: -)
     if [ "$REHEARSAL" = 0 ] && [ -d "$CARRY/prebuilt" ] && [ "${LLAMAHERD_GPU_BUILD:-0}" != 1 ]; then
-        export LD_LIBRARY_PATH="$CARRY/prebuilt/lib${cu13:+:$cu13}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        # The image's libraries need cudart and cuBLAS: the carried cudart, the pip wheels'.
+        export LD_LIBRARY_PATH="$CARRY/prebuilt/lib${cu13:+:$cu13}${saved:+:$saved}"
         if probe_libs "$CARRY/prebuilt/lib" &&
             "$CARRY/prebuilt/bin/llama-server" --list-devices 2>&1 | tee "$OUT/env/llama-server-devices.txt" | grep -q CUDA; then
             say "using the carried prebuilt CUDA libraries"
@@ -293,6 +313,7 @@ get_llama_cpp() {
             return 0
         fi
         say "the carried prebuilt libraries do not see a CUDA device: building from source"
+        export LD_LIBRARY_PATH=$saved
     fi
     if [ "$REHEARSAL" = 0 ]; then
         build_llama_cpp ON || return 1
@@ -305,7 +326,8 @@ print(os.path.join(os.path.dirname(u.find_spec('llama_cpp').origin), 'lib'))") |
         BINDIR=$(bash "$ROOT/bench/build_llama_server.sh" 2>/dev/null | tail -n 1) || return 1
         say "rehearsal: venv libraries $LIBDIR, binaries $BINDIR"
     fi
-    export LD_LIBRARY_PATH="$LIBDIR${cu13:+:$cu13}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # A build from source finds its CUDA libraries through its RUNPATH (where it linked them).
+    export LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     probe_libs "$LIBDIR"
     local rc=$?
     "$BINDIR/llama-server" --version >"$OUT/env/llama-server-version.txt" 2>&1
@@ -325,6 +347,7 @@ run_checks() {
 run_bench() {
     # run.py stops starting load points 30 s before the step's budget ends, so that it
     # stops its servers and writes its results itself.
+    [ "$STEP_BUDGET" -ge 60 ] || { say "bench: ${STEP_BUDGET}s is too little"; return 1; }
     bounded "$PY" "$ROOT/bench/run.py" --out "$OUT/bench" --logs "$OUT/logs" \
         --model "$MODEL" --bindir "$BINDIR" --gpu-layers "$GPU_LAYERS" --threads "$THREADS" \
         --rounds 1 --seed-workload --time-budget-s $((STEP_BUDGET - 30)) "${BENCH_ARGS[@]}" \
@@ -368,24 +391,29 @@ summary() {
     cat "$OUT/summary.md"
 }
 
-step detect 30 detect
-[ "$STEP_RC" = 0 ] || die "detect"
-step wheels 60 install_wheels
-[ "$STEP_RC" = 0 ] || die "the carried wheels do not install or import"
-step model-start 10 make_model
-step llama.cpp "$BUILD_CAP" get_llama_cpp
-[ "$STEP_RC" = 0 ] || die "no llama.cpp to run (see $OUT/logs/llama.cpp/)"
-export LLAMA_CPP_LIB_PATH=$LIBDIR
-step model-wait 120 wait_model
-[ -f "$MODEL" ] || die "no model"
-step checks "$CHECKS_CAP" run_checks
-BENCH_BUDGET=$(($(left) - 25))
-[ "$BENCH_BUDGET" -gt "$BENCH_CAP" ] && BENCH_BUDGET=$BENCH_CAP
-step bench "$BENCH_BUDGET" run_bench
-if [ "${LLAMAHERD_GPU_TESTS:-1}" = 1 ] && [ "$(left)" -ge 60 ]; then
-    step tests $(($(left) - 10)) run_tests
-else
-    say "tests: skipped ($(left)s left)"
-fi
-say "done in $(elapsed)s; results in $OUT"
-summary
+main() {
+    step detect 30 detect
+    [ "$STEP_RC" = 0 ] || die "detect"
+    step wheels 60 install_wheels
+    [ "$STEP_RC" = 0 ] || die "the carried wheels do not install or import"
+    step model-start 10 make_model
+    step llama.cpp "$BUILD_CAP" get_llama_cpp
+    [ "$STEP_RC" = 0 ] || die "no llama.cpp to run (see $OUT/logs/llama.cpp/)"
+    export LLAMA_CPP_LIB_PATH=$LIBDIR
+    step model-wait 120 wait_model
+    [ -f "$MODEL" ] || die "no model"
+    step checks "$CHECKS_CAP" run_checks
+    BENCH_BUDGET=$(($(left) - 25))
+    [ "$BENCH_BUDGET" -gt "$BENCH_CAP" ] && BENCH_BUDGET=$BENCH_CAP
+    step bench "$BENCH_BUDGET" run_bench
+    if [ "${LLAMAHERD_GPU_TESTS:-1}" = 1 ] && [ "$(left)" -ge 60 ]; then
+        step tests $(($(left) - 10)) run_tests
+    else
+        say "tests: skipped ($(left)s left)"
+    fi
+    say "done in $(elapsed)s; results in $OUT"
+    summary
+}
+
+# Parsed whole before it runs: an edit of this file during a run cannot change the run.
+main "$@"; exit $?

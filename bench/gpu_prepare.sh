@@ -160,10 +160,12 @@ prepare_llama_cpp_python() {
     echo "$VERSION" >"$CARRY/llama_cpp/VERSION"
 }
 
-# Optional: the CUDA libraries of the CUDA image (CUDA 13, sm_80/89/90), and llama-server and
-# llama-batched-bench built here as shared-library executables from the same source (no CUDA
-# needed to build them): on the GPU machine, LD_LIBRARY_PATH pointing at the carried libraries
-# makes them run on CUDA.
+# Optional: the CUDA libraries of the CUDA image (CUDA 13, sm_80/89/90, its cudart beside them),
+# and llama-server and llama-batched-bench built here as shared-library executables from the
+# same source (no CUDA needed to build them): on the GPU machine, LD_LIBRARY_PATH pointing at
+# the carried libraries makes them run on CUDA. Carried only when the whole fits the budget.
+needed_sonames() { readelf -d "$@" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | sort -u; }
+
 prepare_prebuilt() {
     local dir=$CARRY/prebuilt
     if [ "$PREBUILT" = 0 ]; then
@@ -181,63 +183,89 @@ prepare_prebuilt() {
         log "prebuilt CUDA libraries: cached ($(mib "$dir") MiB)"
         return
     fi
-    local tmp container
+    rm -rf "$dir"
+    local tmp container py lib=""
     tmp=$(mktemp -d)
     container=$(docker create "$IMAGE" true)
-    docker cp "$container:$IMAGE_LIB/." "$tmp/image-lib" >/dev/null
-    docker rm -f "$container" >/dev/null
-    # No symlinks in the carry: one regular file per name that is looked up, i.e. lib*.so
-    # (llama-cpp-python's ctypes loads) and every soname some library needs.
-    mkdir -p "$tmp/lib"
-    local f base needed
-    needed=$(readelf -d "$tmp"/image-lib/*.so* 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | sort -u)
-    for f in "$tmp"/image-lib/*.so*; do
-        base=$(basename "$f")
-        if [[ $base == *.so ]] || grep -qx "$base" <<<"$needed"; then
-            cp -L "$f" "$tmp/lib/$base"
+    for py in python3.11 python3.12 python3.13; do
+        if docker cp "$container:/opt/llamaherd/lib/$py/site-packages/llama_cpp/lib/." \
+            "$tmp/image-lib" >/dev/null 2>&1; then
+            lib=/opt/llamaherd/lib/$py/site-packages
+            docker cp "$container:$lib/nvidia/cu13/lib/libcudart.so.13" "$tmp/image-lib/" \
+                >/dev/null 2>&1 || true
+            break
         fi
     done
-    log "prebuilt CUDA libraries from $IMAGE: $(mib "$tmp/lib") MiB: $(cd "$tmp/lib" && ls | tr '\n' ' ')"
-    if [ ! -f "$tmp/lib/libggml-cuda.so" ]; then
-        log "prebuilt CUDA libraries: the image has no libggml-cuda.so; skipped"
-        rm -rf "$tmp" "$dir"
+    docker rm -f "$container" >/dev/null
+    if [ -z "$lib" ] || [ ! -e "$tmp/image-lib/libggml-cuda.so" ]; then
+        log "prebuilt CUDA libraries: $IMAGE has no llama_cpp/lib/libggml-cuda.so; not carried"
+        rm -rf "$tmp"
         return
     fi
+    # No symlinks in the carry: one regular file per name that is looked up, i.e. lib*.so
+    # (llama-cpp-python's ctypes loads) and every soname some library needs.
+    mkdir -p "$tmp/out/lib" "$tmp/out/bin"
+    local f base needed
+    needed=$(needed_sonames "$tmp"/image-lib/*.so*)
+    for f in "$tmp"/image-lib/*.so*; do
+        base=$(basename "$f")
+        if [[ $base == *.so ]] || [[ $base == libcudart.so.13 ]] || grep -qx "$base" <<<"$needed"; then
+            cp -L "$f" "$tmp/out/lib/$base"
+        fi
+    done
+    log "prebuilt: $IMAGE's libraries, $(mib "$tmp/out/lib") MiB: $(cd "$tmp/out/lib" && ls | tr '\n' ' ')"
+
     # The executables: a shared-library build of the same source without CUDA (their libggml
-    # is replaced by the carried one at run time).
-    local build=$CACHE/gpu-prebuilt-build src
-    src=$tmp/src
-    mkdir -p "$src"
-    tar -C "$src" -xzf "$CARRY/llama.cpp-src.tar.gz"
+    # is the carried one at run time). Source and build stay in the cache: a rerun is quick.
+    local src=$CACHE/gpu-prebuilt-src build=$CACHE/gpu-prebuilt-build key
+    key=$(sha256sum "$CARRY/llama.cpp-src.tar.gz" | cut -c1-16)
+    if [ "$(cat "$src/.key" 2>/dev/null)" != "$key" ]; then
+        rm -rf "$src" "$build" && mkdir -p "$src"
+        tar -C "$src" -xzf "$CARRY/llama.cpp-src.tar.gz"
+        echo "$key" >"$src/.key"
+    fi
     log "prebuilt: building llama-server and llama-batched-bench (shared libraries, host only)"
     cmake -S "$src/llama.cpp" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON \
-        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
-        -DCMAKE_SKIP_RPATH=ON >"$tmp/cmake.log" 2>&1 || { tail -30 "$tmp/cmake.log"; exit 1; }
+        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_CCACHE=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_OPENSSL=OFF -DCMAKE_SKIP_RPATH=ON >"$tmp/cmake.log" 2>&1 ||
+        { tail -n 30 "$tmp/cmake.log" >&2; exit 1; }
     nice -n 19 cmake --build "$build" --target llama-server llama-batched-bench -j"$(nproc)" \
-        >"$tmp/build.log" 2>&1 || { tail -30 "$tmp/build.log"; exit 1; }
-    mkdir -p "$tmp/out/lib" "$tmp/out/bin"
-    cp -a "$tmp/lib/." "$tmp/out/lib/"
+        >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; exit 1; }
     install -m 0755 "$build/bin/llama-server" "$build/bin/llama-batched-bench" "$tmp/out/bin/"
-    # Libraries of the executables that the image does not have (llama-common, the server's).
-    local so
-    for so in "$build"/bin/lib*.so*; do
-        [ -e "$tmp/out/lib/$(basename "$so")" ] || cp -L "$so" "$tmp/out/lib/"
-    done
     strip --strip-unneeded "$tmp"/out/bin/* 2>/dev/null || true
+    # Their libraries that the image lacks (llama-common, the server's), transitively, under
+    # their sonames; libllama and libggml* come from the image.
+    local todo name next
+    todo=$(needed_sonames "$tmp"/out/bin/*)
+    while [ -n "$todo" ]; do
+        next=""
+        for name in $todo; do
+            [ -e "$tmp/out/lib/$name" ] || [ ! -e "$build/bin/$name" ] && continue
+            cp -L "$build/bin/$name" "$tmp/out/lib/$name"
+            strip --strip-unneeded "$tmp/out/lib/$name" 2>/dev/null || true
+            next+=" $(needed_sonames "$tmp/out/lib/$name" | tr '\n' ' ')"
+        done
+        todo=$next
+    done
     echo "$image_id" >"$tmp/out/IMAGE"
-    local size
+    local size others
     size=$(mib "$tmp/out")
-    rm -rf "$dir"
-    if awk -v s="$size" -v m="$MAX_MIB" 'BEGIN {exit !(s > m / 2)}'; then
-        # Too big to carry beside everything else: libggml-cuda.so holds three architectures.
-        log "prebuilt: $size MiB is over half of the $MAX_MIB MiB budget; not carried"
+    others=$(awk -v a="$(mib "$CARRY")" -v b="$(tree_mib)" 'BEGIN {printf "%.1f", a + b}')
+    if awk -v s="$size" -v o="$others" -v m="$MAX_MIB" 'BEGIN {exit !(s + o > m)}'; then
+        log "prebuilt: $size MiB would take the carry past $MAX_MIB MiB ($others MiB without it); not carried"
     else
         mv "$tmp/out" "$dir"
         log "prebuilt: carried, $size MiB"
     fi
     rm -rf "$tmp"
+}
+
+# The working tree that a device run sends: tracked files and untracked ones git does not ignore.
+tree_mib() {
+    git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null \
+        | awk '$2 == "total" {s += $1} END {printf "%.1f", s / 1048576}'
 }
 
 mkdir -p "$CARRY"
@@ -246,8 +274,7 @@ prepare_source
 prepare_llama_cpp_python
 prepare_prebuilt
 
-tree_mib=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null \
-    | tail -n 1 | awk '{printf "%.1f", $1 / 1048576}')
+tree_mib=$(tree_mib)
 {
     echo "# .gpu-carry, made $(date -u +%FT%TZ) by bench/gpu_prepare.sh (llama-cpp-python $VERSION)"
     printf '%-34s %8s MiB\n' "wheels/ ($(ls "$CARRY"/wheels/*.whl | wc -l) wheels)" "$(mib "$CARRY/wheels")"

@@ -768,7 +768,7 @@ class GpuSampler:
                     "nvidia-smi",
                     "--query-gpu=utilization.gpu,memory.used",
                     "--format=csv,noheader,nounits",
-                    f"-lms={self.interval_ms}",
+                    f"--loop-ms={self.interval_ms}",
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
