@@ -28,8 +28,8 @@
 # (/tmp/lh-gpu), LLAMAHERD_GPU_SITE (/tmp/lh-site), LLAMAHERD_GPU_PRESET (gpu-1b; tiny in a
 # rehearsal), LLAMAHERD_GPU_ARCH (90-real), LLAMAHERD_GPU_CUDA_FA (OFF: no flash-attention
 # kernels in a build from source, a third less to compile; see bench/gpu_build_llama.sh),
-# LLAMAHERD_GPU_BUILD (1: build even when prebuilt libraries work), LLAMAHERD_GPU_TESTS (0: skip
-# the tests step).
+# LLAMAHERD_GPU_BUILD (1: build even when prebuilt libraries work), LLAMAHERD_GPU_PREBUILT (1:
+# use the prebuilt libraries in a rehearsal too), LLAMAHERD_GPU_TESTS (0: skip the tests step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -141,10 +141,12 @@ step() {
 # too. It runs as a background job that the shell waits for, since bash runs a trap only once
 # a foreground command has ended (a background job starts with SIGINT ignored: env gives it
 # back its default). Not in a $(...) or a pipeline, where the shell would wait all the same.
+RESET_INT=()
+env --default-signal=INT true 2>/dev/null && RESET_INT=(env --default-signal=INT) # coreutils 8.31
 bounded() {
     local pidfile="$OUT/logs/bounded-$BASHPID-$RANDOM.pid" pid rc
-    bash -c 'echo $$ >"$0"; exec env --default-signal=INT timeout --kill-after=15 "$@"' \
-        "$pidfile" "$STEP_BUDGET" "$@" &
+    bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "${RESET_INT[@]}" \
+        timeout --kill-after=15 "$STEP_BUDGET" "$@" &
     pid=$!
     wait "$pid"
     rc=$?
@@ -299,20 +301,39 @@ build_llama_cpp() {
     BINDIR=$LIBDIR
 }
 
+# prebuilt_works: the carried prebuilt libraries load, and (on a GPU) both llama-cpp-python and
+# llama-server see a CUDA device through them.
+prebuilt_works() {
+    local devices
+    probe_libs "$CARRY/prebuilt/lib"
+    local rc=$?
+    devices=$("$CARRY/prebuilt/bin/llama-server" --list-devices 2>&1)
+    local ok=$?
+    printf '%s\n' "$devices" >"$OUT/env/llama-server-devices.txt"
+    if [ "$REHEARSAL" = 1 ]; then
+        [ "$ok" = 0 ]
+    else
+        [ "$rc" = 0 ] && grep -q CUDA <<<"$devices"
+    fi
+}
+
 get_llama_cpp() {
     local cu13 saved=${LD_LIBRARY_PATH:-}
     cu13=$(cuda_pip_libs | paste -sd: -)
-    if [ "$REHEARSAL" = 0 ] && [ -d "$CARRY/prebuilt" ] && [ "${LLAMAHERD_GPU_BUILD:-0}" != 1 ]; then
+    # The prebuilt libraries: on a GPU unless a build is asked for; in a rehearsal only when
+    # asked for (LLAMAHERD_GPU_PREBUILT=1: their loading, not CUDA).
+    if [ -d "$CARRY/prebuilt" ] && [ "${LLAMAHERD_GPU_BUILD:-0}" != 1 ] &&
+        { [ "$REHEARSAL" = 0 ] || [ "${LLAMAHERD_GPU_PREBUILT:-0}" = 1 ]; }; then
         # The image's libraries need cudart and cuBLAS: the carried cudart, the pip wheels'.
         export LD_LIBRARY_PATH="$CARRY/prebuilt/lib${cu13:+:$cu13}${saved:+:$saved}"
-        if probe_libs "$CARRY/prebuilt/lib" &&
-            "$CARRY/prebuilt/bin/llama-server" --list-devices 2>&1 | tee "$OUT/env/llama-server-devices.txt" | grep -q CUDA; then
-            say "using the carried prebuilt CUDA libraries"
+        if prebuilt_works; then
+            say "using the carried prebuilt libraries ($(cat "$CARRY/prebuilt/IMAGE" | cut -c1-19))"
             LIBDIR=$CARRY/prebuilt/lib
             BINDIR=$CARRY/prebuilt/bin
+            "$BINDIR/llama-server" --version >"$OUT/env/llama-server-version.txt" 2>&1
             return 0
         fi
-        say "the carried prebuilt libraries do not see a CUDA device: building from source"
+        say "the carried prebuilt libraries do not serve here: building from source"
         export LD_LIBRARY_PATH=$saved
     fi
     if [ "$REHEARSAL" = 0 ]; then

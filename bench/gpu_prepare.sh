@@ -146,7 +146,9 @@ prepare_source() {
     tmp=$(mktemp -d)
     prune_llama_cpp "$tmp/llama.cpp"
     log "llama.cpp source: pruned to $(mib "$tmp/llama.cpp") MiB (from $(mib "$SRC/vendor/llama.cpp") MiB)"
-    tar -C "$tmp" -czf "$out.tmp" llama.cpp
+    # Byte-for-byte the same archive for the same files (a rebuild from it is then incremental).
+    tar -C "$tmp" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -c llama.cpp \
+        | gzip -n -6 >"$out.tmp"
     mv "$out.tmp" "$out"
     echo "$key" >"$stamp"
     rm -rf "$tmp"
@@ -202,14 +204,15 @@ prepare_prebuilt() {
         rm -rf "$tmp"
         return
     fi
-    # No symlinks in the carry: one regular file per name that is looked up, i.e. lib*.so
-    # (llama-cpp-python's ctypes loads) and every soname some library needs.
+    # One regular file per name that is looked up (a wheel holds copies, not symlinks, of
+    # every name): the libraries llama-cpp-python's ctypes loads by name, cudart, and every
+    # soname some library needs.
     mkdir -p "$tmp/out/lib" "$tmp/out/bin"
     local f base needed
     needed=$(needed_sonames "$tmp"/image-lib/*.so*)
     for f in "$tmp"/image-lib/*.so*; do
         base=$(basename "$f")
-        if [[ $base == *.so ]] || [[ $base == libcudart.so.13 ]] || grep -qx "$base" <<<"$needed"; then
+        if [[ $base =~ ^lib(llama|ggml|mtmd)\.so$|^libcudart\.so\.13$ ]] || grep -qx "$base" <<<"$needed"; then
             cp -L "$f" "$tmp/out/lib/$base"
         fi
     done
