@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import run as bench_run  # bench/run.py: this script's folder is on sys.path
+from prometheus_client import generate_latest
+
 from llamaherd_server.engine import (
     Engine,
     Failed,
@@ -104,57 +107,35 @@ def first_divergence(
     return None if len(a) == len(b) else tokens
 
 
-def hist_delta(engine: Engine, before: dict[str, Any]) -> dict[str, Any]:
-    """Decode steps and batch sizes since ``before`` (a snapshot from :func:`hist_snapshot`)."""
-    now = hist_snapshot(engine)
-    steps = now["count"] - before["count"]
-    single = now["le_1"] - before["le_1"]
-    decode_s = now["decode_s"] - before["decode_s"]
+def scrape(engine: Engine) -> str:
+    """The engine's metrics as /metrics would serve them."""
+    return generate_latest(engine.metrics.registry).decode()
+
+
+def batch_stats(before: str, after: str) -> dict[str, Any]:
+    """Decode steps and batch sizes between two scrapes (bench/run.py's histogram helpers)."""
+    dist = bench_run.batch_distribution(
+        bench_run.llamaherd_hist(before, "llamaherd_batch_size"),
+        bench_run.llamaherd_hist(after, "llamaherd_batch_size"),
+    )
+    if dist is None:
+        return {"decode_steps": 0, "steps_with_more_than_one_sequence": 0, "mean_batch": None}
+    d0 = bench_run.llamaherd_hist(before, "llamaherd_decode_step_seconds")
+    d1 = bench_run.llamaherd_hist(after, "llamaherd_decode_step_seconds")
+    decode_s = d1["sum"] - d0["sum"] if d0 and d1 else None
     return {
-        "decode_steps": int(steps),
-        "steps_with_more_than_one_sequence": int(steps - single),
-        "mean_batch": (now["sum"] - before["sum"]) / steps if steps else None,
-        "largest_batch_bucket_le": _largest_bucket(now["buckets"], before["buckets"]),
-        "mean_decode_step_ms": 1000 * decode_s / steps if steps else None,
-    }
-
-
-def _largest_bucket(now: dict[float, float], before: dict[float, float]) -> float | None:
-    """The upper bound of the largest batch-size bucket that gained steps (cumulative
-    buckets: the first bucket whose count reaches the total holds the largest batch)."""
-    deltas = sorted((le, now[le] - before.get(le, 0.0)) for le in now)
-    if not deltas or deltas[-1][1] <= 0:
-        return None
-    total = deltas[-1][1]
-    return next(le for le, n in deltas if n >= total)
-
-
-def hist_snapshot(engine: Engine) -> dict[str, Any]:
-    registry = engine.metrics.registry
-    buckets: dict[float, float] = {}
-    for metric in registry.collect():
-        if metric.name != "llamaherd_batch_size":
-            continue
-        for sample in metric.samples:
-            if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
-                buckets[float(sample.labels["le"])] = sample.value
-
-    def value(name: str, labels: dict[str, str] | None = None) -> float:
-        return registry.get_sample_value(name, labels or {}) or 0.0
-
-    return {
-        "count": value("llamaherd_batch_size_count"),
-        "sum": value("llamaherd_batch_size_sum"),
-        "le_1": value("llamaherd_batch_size_bucket", {"le": "1.0"}),
-        "decode_s": value("llamaherd_decode_step_seconds_sum"),
-        "buckets": buckets,
+        "decode_steps": dist["steps"],
+        "steps_with_more_than_one_sequence": dist["steps"] - dist["le_counts"].get("1.0", 0),
+        "mean_batch": dist["mean"],
+        "largest_batch_bucket_le": max(float(le) for le in dist["le_counts"]),
+        "mean_decode_step_ms": None if decode_s is None else 1000 * decode_s / dist["steps"],
     }
 
 
 def check_concurrent(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]:
     rng = random.Random(0)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, ignore_eos=True)
-    before = hist_snapshot(engine)
+    before = scrape(engine)
     started = time.perf_counter()
     tracked = [
         submit(
@@ -174,7 +155,7 @@ def check_concurrent(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]:
         "output_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall else None,
-        **hist_delta(engine, before),
+        **batch_stats(before, scrape(engine)),
     }
     out["ok"] = bool(
         complete and len(finished) == n and out["steps_with_more_than_one_sequence"] > 0
@@ -220,7 +201,7 @@ def check_greedy_alone_vs_batched(engine: Engine, max_tokens: int) -> dict[str, 
         t = submit(engine, p, params)
         wait_all([t], 120)
         alone.append(t)
-    before = hist_snapshot(engine)
+    before = scrape(engine)
     batched = [submit(engine, p, params) for p in prompts]
     wait_all(batched, 300)
     rows = []
@@ -239,7 +220,7 @@ def check_greedy_alone_vs_batched(engine: Engine, max_tokens: int) -> dict[str, 
         "max_tokens": max_tokens,
         "prompts": len(rows),
         "equal": sum(1 for r in rows if r["equal"]),
-        "batched_run": hist_delta(engine, before),
+        "batched_run": batch_stats(before, scrape(engine)),
         "rows": rows,
     }
 

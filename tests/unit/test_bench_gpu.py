@@ -87,11 +87,28 @@ def test_first_divergence_counts_tokens_not_chunks() -> None:
     assert gpu_checks.first_divergence(_chunks(("a", 1)), _chunks(("b", 1))) == 0
 
 
-def test_largest_batch_bucket_is_the_first_that_holds_every_new_step() -> None:
-    before = {1.0: 10.0, 2.0: 10.0, 4.0: 10.0, 8.0: 10.0, 16.0: 10.0}
-    now = {1.0: 10.0, 2.0: 12.0, 4.0: 15.0, 8.0: 20.0, 16.0: 20.0}
-    assert gpu_checks._largest_bucket(now, before) == 8.0
-    assert gpu_checks._largest_bucket(before, before) is None
+def _exposition(buckets: dict[str, int], total: float, decode_s: float) -> str:
+    count = buckets["+Inf"]
+    lines = ["# TYPE llamaherd_batch_size histogram"]
+    lines += [f'llamaherd_batch_size_bucket{{le="{le}"}} {n}' for le, n in buckets.items()]
+    lines += [f"llamaherd_batch_size_sum {total}", f"llamaherd_batch_size_count {count}"]
+    lines += ["# TYPE llamaherd_decode_step_seconds histogram"]
+    lines += [f'llamaherd_decode_step_seconds_bucket{{le="+Inf"}} {count}']
+    lines += [f"llamaherd_decode_step_seconds_sum {decode_s}"]
+    lines += [f"llamaherd_decode_step_seconds_count {count}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_batch_stats_between_two_scrapes() -> None:
+    before = _exposition({"1.0": 10, "2.0": 10, "8.0": 10, "16.0": 10, "+Inf": 10}, 10.0, 0.1)
+    after = _exposition({"1.0": 12, "2.0": 14, "8.0": 20, "16.0": 20, "+Inf": 20}, 54.0, 0.2)
+    stats = gpu_checks.batch_stats(before, after)
+    assert stats["decode_steps"] == 10
+    assert stats["steps_with_more_than_one_sequence"] == 8
+    assert stats["mean_batch"] == pytest.approx(4.4)
+    assert stats["largest_batch_bucket_le"] == 8.0
+    assert stats["mean_decode_step_ms"] == pytest.approx(10.0)
+    assert gpu_checks.batch_stats(before, before)["decode_steps"] == 0
 
 
 def _results_with_seed(tokens_per_s: float, p50: float, p95: float) -> dict:
