@@ -427,10 +427,12 @@ main() {
     BENCH_BUDGET=$(($(left) - 25))
     [ "$BENCH_BUDGET" -gt "$BENCH_CAP" ] && BENCH_BUDGET=$BENCH_CAP
     step bench "$BENCH_BUDGET" run_bench
-    if [ "${LLAMAHERD_GPU_TESTS:-1}" = 1 ] && [ "$(left)" -ge 60 ]; then
-        step tests $(($(left) - 10)) run_tests
+    if [ "${LLAMAHERD_GPU_TESTS:-1}" != 1 ]; then
+        say "tests: skipped (LLAMAHERD_GPU_TESTS=${LLAMAHERD_GPU_TESTS})"
+    elif [ "$(left)" -lt 60 ]; then
+        say "tests: skipped (only $(left)s left)"
     else
-        say "tests: skipped ($(left)s left)"
+        step tests $(($(left) - 10)) run_tests
     fi
     say "done in $(elapsed)s; results in $OUT"
     summary
