@@ -47,7 +47,9 @@ def test_cuda_image_config(cuda_image: dict) -> None:
     assert env["LLAMAHERD_GPU_LAYERS"] == "-1", "all layers on the GPU by default"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
     # The CUDA backend is really in it, with cuBLAS and cudart found by the loader, and no
-    # driver of its own on the loader's path (the node brings the real one).
+    # driver of its own on the loader's path (the node brings the real one). libggml-cuda.so
+    # records no libcuda.so.1 (the linker dropped the empty stub it linked against): its driver
+    # functions resolve from the driver that llamaherd_server.cudadriver loads globally first.
     probe = docker(
         "run", "--rm", "--network", "none", "--entrypoint", "sh", CUDA_IMAGE, "-c",
         "lib=$(python -c 'import importlib.util, os; "
@@ -58,7 +60,7 @@ def test_cuda_image_config(cuda_image: dict) -> None:
     out = probe.stdout
     assert "libggml-cuda.so" in out, out
     assert "libcublas.so.13 => /" in out and "libcudart.so.13 => /" in out, out
-    assert "libcuda.so.1 => not found" in out, out
+    assert "not found" not in out, out
     assert out.rstrip().splitlines()[-1] == "0", "no libcuda.so.1 registered in the image"
     assert "/nvcc" not in out and "/gcc" not in out, "no build tools in the runtime image"
 
@@ -98,6 +100,6 @@ def test_without_a_gpu_the_cuda_image_serves_on_the_cpu(cuda_container: tuple[st
         url + "/v1/generate", json={"prompt": "Hello", "max_tokens": 8}, timeout=60
     )
     assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] >= 1
+    assert response.json()["tokens_generated"] >= 1, response.json()
     logs = docker("logs", name).stderr
     assert "no NVIDIA driver in this container" in logs and "runs on the CPU" in logs, logs[-3000:]
