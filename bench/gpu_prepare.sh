@@ -171,13 +171,15 @@ needed_sonames() { readelf -d "$@" 2>/dev/null | sed -n 's/.*(NEEDED).*\[\(.*\)\
 prepare_prebuilt() {
     local dir=$CARRY/prebuilt
     if [ "$PREBUILT" = 0 ]; then
-        log "prebuilt CUDA libraries: skipped (--no-prebuilt)"
+        PREBUILT_NOTE="skipped (--no-prebuilt)"
+        log "prebuilt CUDA libraries: $PREBUILT_NOTE"
         rm -rf "$dir"
         return
     fi
     local image_id
     if ! image_id=$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null); then
-        log "prebuilt CUDA libraries: no $IMAGE image here; gpu.sh will build from source"
+        PREBUILT_NOTE="no $IMAGE image here"
+        log "prebuilt CUDA libraries: $PREBUILT_NOTE; gpu.sh will build from source"
         rm -rf "$dir"
         return
     fi
@@ -200,7 +202,8 @@ prepare_prebuilt() {
     done
     docker rm -f "$container" >/dev/null
     if [ -z "$lib" ] || [ ! -e "$tmp/image-lib/libggml-cuda.so" ]; then
-        log "prebuilt CUDA libraries: $IMAGE has no llama_cpp/lib/libggml-cuda.so; not carried"
+        PREBUILT_NOTE="$IMAGE has no llama_cpp/lib/libggml-cuda.so"
+        log "prebuilt CUDA libraries: $PREBUILT_NOTE; not carried"
         rm -rf "$tmp"
         return
     fi
@@ -257,7 +260,8 @@ prepare_prebuilt() {
     size=$(mib "$tmp/out")
     others=$(awk -v a="$(mib "$CARRY")" -v b="$(tree_mib)" 'BEGIN {printf "%.1f", a + b}')
     if awk -v s="$size" -v o="$others" -v m="$MAX_MIB" 'BEGIN {exit !(s + o > m)}'; then
-        log "prebuilt: $size MiB would take the carry past $MAX_MIB MiB ($others MiB without it); not carried"
+        PREBUILT_NOTE="$IMAGE: $size MiB would take the carry past $MAX_MIB MiB ($others MiB without it)"
+        log "prebuilt: $PREBUILT_NOTE; not carried"
     else
         mv "$tmp/out" "$dir"
         log "prebuilt: carried, $size MiB"
@@ -287,7 +291,7 @@ tree_mib=$(tree_mib)
         printf '%-34s %8s MiB\n' "prebuilt/lib (CUDA image)" "$(mib "$CARRY/prebuilt/lib")"
         printf '%-34s %8s MiB\n' "prebuilt/bin" "$(mib "$CARRY/prebuilt/bin")"
     else
-        printf '%-34s %8s\n' "prebuilt/" "absent"
+        printf '%-34s %8s  %s\n' "prebuilt/" "absent" "${PREBUILT_NOTE:-}"
     fi
     printf '%-34s %8s MiB\n' ".gpu-carry total" "$(mib "$CARRY")"
     printf '%-34s %8s MiB\n' "working tree (sent as well)" "$tree_mib"
