@@ -97,7 +97,11 @@ def test_without_a_gpu_the_cuda_image_serves_on_the_cpu(cuda_container: tuple[st
     assert "no NVIDIA driver" in gpu["note"], gpu
     assert health["gpu_utilization"] is None
     response = httpx.post(
-        url + "/v1/generate", json={"prompt": "Hello", "max_tokens": 8}, timeout=60
+        url + "/v1/generate",
+        # Greedy: sampled, the random tiny model ends at once (first token EOS) in about 1
+        # request in 1000, and the test wants generated tokens.
+        json={"prompt": "Hello", "max_tokens": 8, "temperature": 0},
+        timeout=60,
     )
     assert response.status_code == 200, response.text
     assert response.json()["tokens_generated"] >= 1, response.json()
