@@ -36,7 +36,15 @@ from llamaherd_server.metrics import ServerMetrics
 FIRST_PLAIN_TOKEN = 259
 
 
-def run_batch(engine: Engine, batch: int, prompt_tokens: int, gen_tokens: int, seed: int) -> dict:
+def run_batch(
+    engine: Engine,
+    batch: int,
+    prompt_tokens: int,
+    gen_tokens: int,
+    seed: int,
+    sampling: dict[str, Any] | None = None,
+) -> dict:
+    """``sampling``: SamplingParams fields (default temperature 0.8, top-k 40)."""
     rng = random.Random(seed)
     times: list[list[float]] = [[] for _ in range(batch)]
     all_done = threading.Event()
@@ -57,7 +65,8 @@ def run_batch(engine: Engine, batch: int, prompt_tokens: int, gen_tokens: int, s
         return emit
 
     # One decode step per generated token after the first (sampled from the prefill logits).
-    params = SamplingParams(max_tokens=gen_tokens + 1, temperature=0.8, top_k=40, ignore_eos=True)
+    chosen = sampling if sampling is not None else {"temperature": 0.8, "top_k": 40}
+    params = SamplingParams(max_tokens=gen_tokens + 1, ignore_eos=True, **chosen)
     reqs = [
         GenerationRequest(
             prompt_tokens=[
@@ -88,6 +97,9 @@ def run_batch(engine: Engine, batch: int, prompt_tokens: int, gen_tokens: int, s
         "tg_tokens_per_s": tg,
         "total_tokens_per_s": total,
         "wall_s": last - started,
+        "window_s": last - first,
+        # Decode steps every sequence took part in (its tokens after the first).
+        "steps": min(len(x) for x in times) - 1,
         # Share of the run spent inside llama_decode; the rest is Python, sampling, waiting.
         "decode_fraction": decode_s / (last - started),
     }

@@ -31,24 +31,17 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engine_bench
 import run as serving
 
 import llamaherd_server
-from llamaherd_server.engine import (
-    Engine,
-    Failed,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    TextChunk,
-)
+from llamaherd_server.engine import Engine
 from llamaherd_server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +55,6 @@ CONTEXT = 512
 BATCH = 512
 PROMPT = 32
 GEN = 128
-FIRST_PLAIN_TOKEN = 259
 WORKLOADS = {
     "greedy": {"temperature": 0.0},
     "sampled": {"temperature": 0.8, "top_k": 40},
@@ -95,42 +87,9 @@ def ensure_model() -> Path:
 
 
 def run_batch(engine: Engine, batch: int, workload: str, seed: int) -> dict[str, float]:
-    """B requests together; decode tokens/s from the last sequence's first token to the last
-    token (every sequence decodes in every step of that window)."""
-    import random
-
-    rng = random.Random(seed)
-    times: list[list[float]] = [[] for _ in range(batch)]
-    done = threading.Event()
-    finished: list[int] = []
-    failures: list[str] = []
-
-    def emitter(i: int) -> Any:
-        def emit(event: Any) -> None:
-            if isinstance(event, TextChunk) and event.n_tokens:
-                times[i].append(time.perf_counter())
-            elif isinstance(event, Finished | Failed):
-                if isinstance(event, Failed):
-                    failures.append(event.message)
-                finished.append(i)
-                if len(finished) == batch:
-                    done.set()
-
-        return emit
-
-    params = SamplingParams(max_tokens=GEN + 1, ignore_eos=True, **WORKLOADS[workload])
-    for i in range(batch):
-        tokens = [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(PROMPT)]
-        engine.submit(GenerationRequest(prompt_tokens=tokens, params=params, emit=emitter(i)))
-    if not done.wait(timeout=600):
-        raise RuntimeError(f"B={batch} did not finish in 600 s")
-    if failures:
-        raise RuntimeError(f"engine failed: {failures[0]}")
-    first = max(t[0] for t in times)
-    last = max(t[-1] for t in times)
-    steps = min(len(t) for t in times) - 1
-    return {"tg_tokens_per_s": batch * GEN / (last - first), "window_s": last - first,
-            "steps": steps}  # fmt: skip
+    """B requests together (engine_bench's run): decode tokens/s from the last sequence's first
+    token to the last token (every sequence decodes in every step of that window)."""
+    return engine_bench.run_batch(engine, batch, PROMPT, GEN, seed, sampling=WORKLOADS[workload])
 
 
 class Timers:
