@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import free_port
-from tests.images.test_images import docker, env_of, model_dir, wait_ready  # noqa: F401
+from tests.images.test_images import (  # noqa: F401
+    docker,
+    env_of,
+    model_dir,
+    run_server,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.images]
 
@@ -67,24 +71,8 @@ def test_cuda_image_config(cuda_image: dict) -> None:
 
 @pytest.fixture
 def cuda_container(cuda_image: dict, model_dir: Path) -> Iterator[tuple[str, str]]:  # noqa: F811
-    port = free_port()
-    name = f"llamaherd-test-cuda-{uuid.uuid4().hex[:8]}"
-    docker(
-        "run", "-d", "--name", name,
-        "-p", f"127.0.0.1:{port}:8000",
-        "-v", f"{model_dir}:/models:ro",
-        "-e", "LLAMAHERD_MODEL=/models/tiny.gguf",
-        "-e", "LLAMAHERD_SLOTS=2",
-        "-e", "LLAMAHERD_THREADS=2",
-        "-e", "LLAMAHERD_CONTEXT_SIZE=256",
-        CUDA_IMAGE,
-    )  # fmt: skip
-    try:
-        yield name, f"http://127.0.0.1:{port}"
-    finally:
-        logs = docker("logs", "--tail", "50", name, check=False)
-        print(f"--- docker logs {name}\n{logs.stdout}{logs.stderr}")
-        docker("rm", "-f", name, check=False)
+    with run_server(CUDA_IMAGE, model_dir, "llamaherd-test-cuda") as running:
+        yield running
 
 
 def test_without_a_gpu_the_cuda_image_serves_on_the_cpu(cuda_container: tuple[str, str]) -> None:

@@ -8,6 +8,7 @@ BuildKit builds its toolchain stage; test_cuda_image.py runs the built CUDA imag
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -122,8 +123,10 @@ def model_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def server_container(server_image: dict, model_dir: Path) -> Iterator[tuple[str, str]]:
+@contextlib.contextmanager
+def run_server(image: str, model_dir: Path, name_prefix: str) -> Iterator[tuple[str, str]]:
+    """A detached server container of ``image`` serving the tiny model on a loopback port:
+    (container name, base URL); its last log lines are printed and it is removed after."""
     bridge = json.loads(docker("network", "inspect", "bridge").stdout)[0]
     for pool in bridge["IPAM"]["Config"]:
         assert ipaddress.ip_network(pool["Subnet"]).subnet_of(ALLOWED_NET), (
@@ -131,7 +134,7 @@ def server_container(server_image: dict, model_dir: Path) -> Iterator[tuple[str,
             f"with --bip (hack/images.sh does)"
         )
     port = free_port()
-    name = f"llamaherd-test-{uuid.uuid4().hex[:8]}"
+    name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
     docker(
         "run", "-d", "--name", name,
         "-p", f"127.0.0.1:{port}:8000",
@@ -140,7 +143,7 @@ def server_container(server_image: dict, model_dir: Path) -> Iterator[tuple[str,
         "-e", "LLAMAHERD_SLOTS=2",
         "-e", "LLAMAHERD_THREADS=2",
         "-e", "LLAMAHERD_CONTEXT_SIZE=256",
-        SERVER_IMAGE,
+        image,
     )  # fmt: skip
     try:
         yield name, f"http://127.0.0.1:{port}"
@@ -148,6 +151,12 @@ def server_container(server_image: dict, model_dir: Path) -> Iterator[tuple[str,
         logs = docker("logs", "--tail", "50", name, check=False)
         print(f"--- docker logs {name}\n{logs.stdout}{logs.stderr}")
         docker("rm", "-f", name, check=False)
+
+
+@pytest.fixture
+def server_container(server_image: dict, model_dir: Path) -> Iterator[tuple[str, str]]:
+    with run_server(SERVER_IMAGE, model_dir, "llamaherd-test") as running:
+        yield running
 
 
 def wait_ready(name: str, url: str, timeout: float = 120) -> None:
