@@ -36,7 +36,6 @@ import datetime as dt
 import json
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import run
-from run import CACHE, PYTHON, ROOT, ForeignCpu, Server, free_port, log
+from run import PYTHON, ROOT, ForeignCpu, Server, free_port, log
 
 SLOTS = 16
 CONTEXT = 2048  # per slot: a multi-turn conversation grows to ~1,000 tokens
@@ -209,25 +208,9 @@ def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
 
 
 def ensure_model() -> Path:
-    path = CACHE / "models" / "prefix-demo-seed0.gguf"
-    if not path.exists():
-        log(f"generating the model (demo shape, ~33M parameters) at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "llamaherd_server.ggufgen",
-                "--preset",
-                "demo",
-                "--seed",
-                "0",
-                "--out",
-                str(path),
-            ],
-            check=True,
-        )
-    return path
+    return run.generated_model(
+        "prefix-demo-seed0", ["--preset", "demo", "--seed", "0"], "the model (demo shape, ~33M)"
+    )
 
 
 def hit_ratio(results: list[loadgen.RequestResult]) -> float | None:

@@ -310,26 +310,21 @@ def gpu_layers_flags(flag: str, value: int | None, all_word: str | None = None) 
     return [flag, all_word if value == -1 and all_word else str(value)]
 
 
-def ensure_model() -> Path:
-    path = CACHE / "models" / "bench-seed0.gguf"
+def generated_model(name: str, ggufgen_args: list[str], what: str) -> Path:
+    """A generated GGUF model cached as ``~/.cache/llamaherd/models/<name>.gguf`` (made once)."""
+    path = CACHE / "models" / f"{name}.gguf"
     if not path.exists():
-        log(f"generating the bench model (~220M parameters, F16) at {path}")
+        log(f"generating {what} at {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "llamaherd_server.ggufgen",
-                "--preset",
-                "bench",
-                "--seed",
-                "0",
-                "--out",
-                str(path),
-            ],
-            check=True,
-        )
+        argv = [PYTHON, "-m", "llamaherd_server.ggufgen", *ggufgen_args, "--out", str(path)]
+        subprocess.run(argv, check=True)
     return path
+
+
+def ensure_model() -> Path:
+    return generated_model(
+        "bench-seed0", ["--preset", "bench", "--seed", "0"], "the bench model (~220M, F16)"
+    )
 
 
 def ensure_binaries() -> Path:

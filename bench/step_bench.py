@@ -66,24 +66,7 @@ def log(msg: str) -> None:
 
 
 def ensure_model() -> Path:
-    path = CACHE / "models" / "step-seed0.gguf"
-    if not path.exists():
-        log(f"generating the short-step model at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "llamaherd_server.ggufgen",
-                *SHAPE,
-                "--seed",
-                "0",
-                "--out",
-                str(path),
-            ],
-            check=True,
-        )
-    return path
+    return serving.generated_model("step-seed0", [*SHAPE, "--seed", "0"], "the short-step model")
 
 
 def run_batch(engine: Engine, batch: int, workload: str, seed: int) -> dict[str, float]:
