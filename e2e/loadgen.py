@@ -1,15 +1,23 @@
 """Bounded load against a llamaherd Service, run inside the cluster (image: e2e/Dockerfile.client).
 
     python loadgen.py --base-url http://NAME.NS.svc.cluster.local:80 --concurrency 8 \
-        --requests 200 --duration 120 --max-tokens 64 [--mode chat|generate|once]
+        --requests 200 --duration 120 --max-tokens 64 [--mode chat|generate|once|post]
 
-``chat`` sends OpenAI chat completions with the official ``openai`` package; ``generate`` posts
-to ``/v1/generate`` with httpx; ``once`` sends one chat completion and prints it. The load stops
+``chat`` sends OpenAI chat completions with the official ``openai`` package (``--stream``: as
+server-sent events, recording the response id from the first chunk, so a request broken
+mid-stream still names the replica's request id); ``generate`` posts to ``/v1/generate`` with
+httpx; ``once`` sends one chat completion and prints it; ``post`` sends the given requests
+(``--post '{"path": "/v1/generate", "body": {...}}'``, repeatable, each ``--repeat`` times) as
+they are, with the model filled in, and judges each by its status and, for a stream, by an error
+event or a missing ``[DONE]``. ``--unique-prompts`` starts every prompt with its request's
+number (spreads requests over replicas that a prefix-affinity picker would otherwise pin).
+The load stops
 by itself at ``--requests`` requests or ``--duration`` seconds (or when ``--stop-file`` appears),
 whichever comes first; requests in flight then finish, each within ``--timeout`` seconds.
 
 Output, one JSON object per line: ``{"event": "start", ...}``, one ``{"event": "request", ...}``
-per finished request (ok, status, error, latency, finish reason, tokens), and a final
+per finished request (ok, status, error, id, latency, wall-clock start and end, finish reason,
+tokens), and a final
 ``{"event": "summary", ...}``. The exit code is 0 even when requests failed: the caller judges.
 
 Every request opens a new connection by default (``Connection: close``): a Service balances
@@ -46,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", required=True, help="the Service root, without /v1")
     parser.add_argument("--model", default="", help="model name (default: the first of /v1/models)")
-    parser.add_argument("--mode", choices=["chat", "generate", "once"], default="chat")
+    parser.add_argument("--mode", choices=["chat", "generate", "once", "post"], default="chat")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=100, help="most requests in all")
     parser.add_argument("--duration", type=float, default=60.0, help="stop starting after this")
@@ -57,9 +65,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keepalive", action="store_true", help="reuse connections")
     parser.add_argument("--stop-file", default="", help="stop starting requests once it exists")
     parser.add_argument("--api-key", default=os.environ.get("LLAMAHERD_API_KEY", "unused"))
+    parser.add_argument("--stream", action="store_true", help="chat: stream the answers (SSE)")
+    parser.add_argument(
+        "--unique-prompts", action="store_true", help="start each prompt with its request number"
+    )
+    parser.add_argument(
+        "--failure-backoff",
+        type=float,
+        default=0.0,
+        help="seconds a worker waits after a failed request before its next one",
+    )
+    parser.add_argument(
+        "--post",
+        action="append",
+        default=[],
+        type=json.loads,
+        help='post mode: {"path": ..., "body": {...}, "label": ...} (JSON), repeatable',
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="post mode: times each is sent")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         parser.error("--concurrency, --requests and --duration must be positive")
+    if args.mode == "post":
+        if not args.post or not all(
+            isinstance(p, dict)
+            and isinstance(p.get("path"), str)
+            and isinstance(p.get("body"), dict)
+            for p in args.post
+        ):
+            parser.error('post mode needs --post \'{"path": "/v1/...", "body": {...}}\'')
+        if not 1 <= args.repeat <= 1000:
+            parser.error("--repeat must be between 1 and 1000")
+    args.failure_backoff = min(max(args.failure_backoff, 0.0), 60.0)
     args.requests = min(args.requests, 100_000)
     args.duration = min(args.duration, 3600.0)
     return args
@@ -105,10 +142,12 @@ def error_record(exc: BaseException) -> dict[str, Any]:
     return {"ok": False, "status": status, "error": f"{type(exc).__name__}: {text[:800]}"}
 
 
-async def chat_once(client: Any, model: str, args: argparse.Namespace) -> dict[str, Any]:
+async def chat_once(
+    client: Any, model: str, args: argparse.Namespace, prompt: str | None = None
+) -> dict[str, Any]:
     response = await client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": args.prompt}],
+        messages=[{"role": "user", "content": args.prompt if prompt is None else prompt}],
         max_tokens=args.max_tokens,
         temperature=0.7,
         extra_body={"ignore_eos": True},
@@ -127,12 +166,103 @@ async def chat_once(client: Any, model: str, args: argparse.Namespace) -> dict[s
     }
 
 
+async def chat_stream(
+    client: Any, model: str, args: argparse.Namespace, prompt: str, seen: dict[str, Any]
+) -> dict[str, Any]:
+    """One streamed chat completion. ``seen`` gets the response id and the time to the first
+    chunk as soon as they arrive, so that a stream broken later still reports them."""
+    begin = time.monotonic()
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=args.max_tokens,
+        temperature=0.7,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    finish, usage, answered_by, chunks = None, None, None, 0
+    try:
+        async for chunk in stream:
+            if "id" not in seen and chunk.id:
+                seen["id"] = chunk.id
+                seen["first_chunk_s"] = round(time.monotonic() - begin, 4)
+            answered_by = chunk.model or answered_by
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    chunks += 1
+                finish = choice.finish_reason or finish
+    finally:
+        await stream.close()
+    return {
+        "ok": True,
+        "status": 200,
+        "id": seen.get("id"),
+        "model": answered_by,
+        "finish_reason": finish,
+        "tokens": usage.completion_tokens if usage else None,
+        "chunks": chunks,
+    }
+
+
+def sse_events(text: str) -> list[str]:
+    """The ``data:`` payloads of a server-sent event stream."""
+    return [line[len("data:") :].strip() for line in text.splitlines() if line.startswith("data:")]
+
+
+async def post_once(
+    http: httpx.AsyncClient, base: str, model: str, item: dict[str, Any]
+) -> dict[str, Any]:
+    """Send one ``--post`` request as it is (the model filled in when it names none); ok when
+    the status is 200 and the answer holds no error (a stream: and ends with ``[DONE]``)."""
+    body = {"model": model, **item["body"]}
+    response = await http.post(f"{base}{item['path']}", json=body)
+    text = response.text
+    record: dict[str, Any] = {
+        "status": response.status_code,
+        "path": item["path"],
+        "label": item.get("label", ""),
+        "answer": text[:600],
+    }
+    problem = ""
+    if response.status_code != 200:
+        problem = f"HTTP {response.status_code}"
+    elif body.get("stream"):
+        events = sse_events(text)
+        errors = [e for e in events if e.startswith("{") and '"error"' in e]
+        if errors:
+            problem = f"error event in the stream: {errors[0][:400]}"
+        elif not events or events[-1] != "[DONE]":
+            problem = "the stream did not end with [DONE]"
+        else:
+            first = next((e for e in events if e.startswith("{")), "{}")
+            record["id"] = json.loads(first).get("id")
+    else:
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or "error" in answer:
+            problem = "the answer is not a result"
+        else:
+            record["id"] = answer.get("id") or answer.get("request_id")
+    record["ok"] = not problem
+    if problem:
+        record["error"] = f"{problem}: {text[:400]}"
+    return record
+
+
 async def generate_once(
-    http: httpx.AsyncClient, base: str, args: argparse.Namespace
+    http: httpx.AsyncClient, base: str, args: argparse.Namespace, prompt: str | None = None
 ) -> dict[str, Any]:
     response = await http.post(
         f"{base}/v1/generate",
-        json={"prompt": args.prompt, "max_tokens": args.max_tokens, "ignore_eos": True},
+        json={
+            "prompt": args.prompt if prompt is None else prompt,
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+        },
     )
     response.raise_for_status()
     body = response.json()
@@ -180,19 +310,29 @@ async def load(
     """Send the requests and print their results."""
     emit({"event": "start", "time": time.time(), "model": model, "mode": args.mode})
 
-    async def one() -> dict[str, Any]:
+    posts = [item for item in args.post for _ in range(args.repeat)]
+
+    async def one(index: int = 1) -> dict[str, Any]:
+        prompt = f"[{index}] {args.prompt}" if args.unique_prompts else args.prompt
+        seen: dict[str, Any] = {}
         begin = time.monotonic()
+        started_at = time.time()
         try:
-            if args.mode == "generate":
-                record = await generate_once(http, base, args)
+            if args.mode == "post":
+                record = await post_once(http, base, model, posts[index - 1])
+            elif args.mode == "generate":
+                record = await generate_once(http, base, args, prompt)
+            elif args.stream and args.mode == "chat":
+                record = await chat_stream(client, model, args, prompt, seen)
             else:
-                record = await chat_once(client, model, args)
+                record = await chat_once(client, model, args, prompt)
         except Exception as exc:  # every failure is a result, never a crash
-            record = error_record(exc)
+            record = {**seen, **error_record(exc)}
         end = time.monotonic()
         record["latency_s"] = round(end - begin, 4)
         record["start_s"] = round(begin - started, 3)
         record["end_s"] = round(end - started, 3)
+        record["started_at"] = round(started_at, 3)
         record["time"] = time.time()
         if args.mode != "once":
             record.pop("content", None)
@@ -211,9 +351,11 @@ async def load(
     stopped_by = "requests"
     results: list[dict[str, Any]] = []
 
+    limit = min(args.requests, len(posts)) if args.mode == "post" else args.requests
+
     def may_start() -> bool:
         nonlocal stopped_by
-        if issued >= args.requests:
+        if issued >= limit:
             stopped_by = "requests"
             return False
         if time.monotonic() >= deadline:
@@ -229,11 +371,13 @@ async def load(
         while may_start():
             issued += 1
             index = issued
-            record = await one()
+            record = await one(index)
             record["event"] = "request"
             record["i"] = index
             results.append(record)
             emit(record)
+            if not record["ok"] and args.failure_backoff:
+                await asyncio.sleep(args.failure_backoff)
 
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     latencies = [r["latency_s"] for r in results if r["ok"]]

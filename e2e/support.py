@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -479,8 +481,16 @@ def load_args(
     max_tokens: int,
     mode: str = "chat",
     prompt: str = "Tell me about the llama herd on the hill.",
+    model: str | None = None,
+    stream: bool = False,
+    unique_prompts: bool = False,
+    failure_backoff: float = 0.0,
 ) -> list[str]:
+    extra = [*(["--model", model] if model else []), *(["--stream"] if stream else [])]
+    extra += ["--unique-prompts"] if unique_prompts else []
+    extra += ["--failure-backoff", str(failure_backoff)] if failure_backoff else []
     return [
+        *extra,
         "--base-url",
         base_url,
         "--mode",
@@ -567,3 +577,102 @@ def scaling_story(kube: Kube, name: str, namespace: str) -> str:
     for event in kube.events(namespace, name=name, kind="InferenceService"):
         lines.append(f"  {event.get('type')} {event.get('reason')}: {event.get('message')}")
     return "\n".join(lines)
+
+
+# -- who served what: pods, their request logs, the gateway's request log ----------------------
+
+SERVER_CONTAINER = "server"
+GATEWAY_CONTAINER = "gateway"
+# The server logs one line per request however it ends: "request <id> <outcome>" (text or JSON).
+_SERVER_REQUEST_LINE = re.compile(r"\brequest ([0-9a-f]{32}) ([a-z_]+)")
+
+
+def wall_time(stamp: str) -> float:
+    """An RFC 3339 time (a log line's ``ts``, an object's timestamp) as seconds since the epoch."""
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def request_id(response_id: str | None) -> str | None:
+    """The server's request id in an OpenAI response id (``chatcmpl-<id>``, ``cmpl-<id>``)."""
+    return response_id.rsplit("-", 1)[-1] if response_id else None
+
+
+def container_port(pod: Obj, port_name: str = "http") -> int:
+    for container in pod["spec"]["containers"]:
+        for port in container.get("ports") or []:
+            if port.get("name") == port_name:
+                return int(port["containerPort"])
+    raise AssertionError(f"pod {pod['metadata']['name']} has no port named {port_name}")
+
+
+def pod_get(kube: Kube, pod: Obj, path: str, *, port_name: str = "http") -> str:
+    """GET ``path`` on one pod through the API server's pod proxy (the request goes from the
+    API server to the pod, inside the cluster's network); a non-2xx answer raises KubeError."""
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    raw = f"/api/v1/namespaces/{ns}/pods/{name}:{container_port(pod, port_name)}/proxy{path}"
+    return kube.kubectl("get", "--raw", raw, timeout=30).stdout
+
+
+def served_requests(kube: Kube, pod: Obj) -> dict[str, str]:
+    """A server pod's requests from its log: request id -> outcome (ok, cancelled, error, ...)."""
+    text = kube.logs(pod["metadata"]["name"], pod["metadata"]["namespace"], SERVER_CONTAINER)
+    return {m.group(1): m.group(2) for m in _SERVER_REQUEST_LINE.finditer(text)}
+
+
+def restart_counts(pods: list[Obj]) -> dict[str, int]:
+    """Pod name -> the sum of its containers' restartCount."""
+    return {
+        p["metadata"]["name"]: sum(
+            int(c.get("restartCount") or 0)
+            for c in (p.get("status") or {}).get("containerStatuses") or []
+        )
+        for p in pods
+    }
+
+
+def ready_addresses(kube: Kube, namespace: str, service: str) -> set[str]:
+    """The addresses a Service's EndpointSlices list as ready and not terminating: what the
+    gateway (and kube-proxy) send new requests to."""
+    addresses: set[str] = set()
+    slices = kube.items(
+        "endpointslices.discovery.k8s.io",
+        namespace,
+        selector=f"kubernetes.io/service-name={service}",
+    )
+    for item in slices:
+        for endpoint in item.get("endpoints") or []:
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is not False and not conditions.get("terminating"):
+                addresses.update(endpoint.get("addresses") or [])
+    return addresses
+
+
+def gateway_pods(kube: Kube) -> list[Obj]:
+    return kube.pods(RELEASE_NAMESPACE, GATEWAY_SELECTOR)
+
+
+def gateway_requests(kube: Kube, pods: list[Obj] | None = None) -> list[dict[str, Any]]:
+    """The gateway's request log (one JSON line per routed request, gateway.logFormat json):
+    each line's fields (model, service, endpoint, status, outcome, retries, duration_s) plus
+    ``start`` and ``end`` (seconds since the epoch), ``address`` (the replica's IP, "" when none
+    was picked) and ``gateway_pod``."""
+    lines: list[dict[str, Any]] = []
+    for pod in gateway_pods(kube) if pods is None else pods:
+        name = pod["metadata"]["name"]
+        text = kube.logs(name, RELEASE_NAMESPACE, GATEWAY_CONTAINER)
+        for line in text.splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if item.get("logger") != "llamaherd_gateway.requests" or "outcome" not in item:
+                continue
+            end = wall_time(str(item["ts"]))
+            item["end"] = end
+            item["start"] = end - float(item.get("duration_s") or 0.0)
+            item["address"] = str(item.get("endpoint") or "").rsplit(":", 1)[0]
+            item["gateway_pod"] = name
+            lines.append(item)
+    return lines
