@@ -8,9 +8,11 @@ import http.server
 import json
 import os
 import shutil
+import socketserver
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -88,9 +90,39 @@ def test_sha_mismatch_fails_and_leaves_nothing(
 ) -> None:
     dest = tmp_path / "m.gguf"
     assert run(f"{base_url}/model.gguf", dest, "0" * 64, retries=3) == 1
-    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == []  # no model, no temporary file
     assert Files.hits["/model.gguf"] == 1  # a mismatch is not retried
-    assert "sha256 mismatch" in capsys.readouterr().err.splitlines()[-1]
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "sha256 mismatch" in last
+    assert f"expected {'0' * 64}, got {DIGEST}" in last
+
+
+def test_a_mismatch_never_replaces_what_is_there(base_url: str, tmp_path: Path) -> None:
+    """The final path changes only by the rename of a verified file: a download whose hash
+    differs leaves an earlier file alone (it may be another pod's good one)."""
+    dest = tmp_path / "m.gguf"
+    dest.write_bytes(b"earlier")
+    assert run(f"{base_url}/model.gguf", dest, "0" * 64) == 1
+    assert dest.read_bytes() == b"earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_temporary_files_of_stopped_downloads_are_removed(base_url: str, tmp_path: Path) -> None:
+    """A pod killed mid-download leaves its temporary file; the next download removes it once
+    it has not been written for a while, and leaves a live one (recently written) alone."""
+    dest = tmp_path / "m.gguf"
+    stopped = tmp_path / ".m.gguf.gone-pod-1-0a1b2c3d.part"
+    live = tmp_path / ".m.gguf.other-pod-1-4e5f6a7b.part"
+    unrelated = tmp_path / ".other.gguf.gone-pod-1-0a1b2c3d.part"
+    for path in (stopped, live, unrelated):
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(stopped, (hour_ago, hour_ago))
+    os.utime(unrelated, (hour_ago, hour_ago))
+    assert run(f"{base_url}/model.gguf", dest, DIGEST) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.gguf", live.name, unrelated.name]
+    )
 
 
 def test_retries_transient_errors(
@@ -216,3 +248,163 @@ def test_pod_template_does_not_carry_the_download_source(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == builders.build_deployment(body)["spec"]["template"]
+
+
+# ---- concurrent downloads into one cache directory ----------------------------------------------
+
+CORRUPT = PAYLOAD[:1000] + bytes([PAYLOAD[1000] ^ 0xFF]) + PAYLOAD[1001:]
+
+
+class Coordinated(http.server.BaseHTTPRequestHandler):
+    """Serves /good (PAYLOAD), /corrupt (PAYLOAD with one byte flipped) and /truncated (the
+    full Content-Length, then half the body and a closed connection). Every response waits
+    until all expected requests have arrived (so every downloader has looked for the file
+    already) and until its path is released; the body is sent in two halves with a second
+    rendezvous between them, so the downloads' writes overlap."""
+
+    server: Any
+
+    def do_GET(self) -> None:
+        shared = self.server.shared
+        shared["arrived"].wait(timeout=30)
+        shared["release"][self.path].wait(timeout=30)
+        body = CORRUPT if self.path == "/corrupt" else PAYLOAD
+        half = len(body) // 2
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:half])
+        self.wfile.flush()
+        if self.path == "/truncated":
+            self.close_connection = True
+            return
+        if shared["interleave"] is not None:
+            shared["interleave"].wait(timeout=30)
+        self.wfile.write(body[half:])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class CoordinatedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    shared: dict[str, Any]
+
+
+@pytest.fixture
+def coordinated() -> Iterator[tuple[str, dict[str, Any]]]:
+    server = CoordinatedServer(("127.0.0.1", 0), Coordinated)
+    server.shared = {
+        "release": {
+            path: threading.Event() for path in ("/good", "/corrupt", "/truncated", "/good2")
+        },
+    }
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.shared
+    for event in server.shared["release"].values():
+        event.set()
+    server.shutdown()
+    server.server_close()
+
+
+def downloader(url: str, dest: Path, sha: str) -> subprocess.Popen[str]:
+    """The download as the init container runs it, in its own process."""
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DOWNLOAD_URL": url,
+        "DOWNLOAD_PATH": str(dest),
+        "DOWNLOAD_SHA256": sha,
+        "DOWNLOAD_RETRIES": "0",
+        "DOWNLOAD_TIMEOUT_SECONDS": "30",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "llamaherd_operator.model_download"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=dest.parent,
+    )
+
+
+class Watcher:
+    """Reads the final path over and over while downloads run: anything it ever sees there
+    must be the whole, good model."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.dest.read_bytes()
+            except FileNotFoundError:
+                pass
+            else:
+                self.seen.add(hashlib.sha256(data).hexdigest())
+            self._stop.wait(0.002)
+
+    def stop(self) -> set[str]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.seen
+
+
+def test_two_downloads_of_one_model_into_one_directory(
+    coordinated: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Two pods on one cache claim download the same model at the same time, their writes
+    interleaved: each writes its own temporary file, both succeed, and the model is whole."""
+    base, shared = coordinated
+    shared["arrived"] = threading.Barrier(2)
+    shared["interleave"] = threading.Barrier(2)  # both are half-way before either finishes
+    shared["release"]["/good"].set()
+    shared["release"]["/good2"].set()
+    dest = tmp_path / "m.gguf"
+    watcher = Watcher(dest)
+    procs = [downloader(f"{base}/good", dest, DIGEST), downloader(f"{base}/good2", dest, DIGEST)]
+    errors = [proc.communicate(timeout=60)[1] for proc in procs]
+    seen = watcher.stop()
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert dest.read_bytes() == PAYLOAD
+    assert seen <= {DIGEST}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temporary file left
+
+
+@pytest.mark.parametrize("bad", ["/corrupt", "/truncated"])
+@pytest.mark.parametrize("good_finishes_first", [True, False], ids=["good-first", "bad-first"])
+def test_a_bad_download_beside_a_good_one_never_shows(
+    coordinated: tuple[str, dict[str, Any]], tmp_path: Path, bad: str, good_finishes_first: bool
+) -> None:
+    """Two pods download one model into one cache; one of them gets a corrupted (or cut-off)
+    body. Whichever finishes first, the final path only ever holds the good model, the good
+    download succeeds, and the bad one fails naming what it got."""
+    base, shared = coordinated
+    shared["arrived"] = threading.Barrier(2)  # both have found no file before either writes
+    shared["interleave"] = None
+    dest = tmp_path / "m.gguf"
+    watcher = Watcher(dest)
+    procs = {
+        "/good": downloader(f"{base}/good", dest, DIGEST),
+        bad: downloader(f"{base}{bad}", dest, DIGEST),
+    }
+    errors = {}
+    for path in ["/good", bad] if good_finishes_first else [bad, "/good"]:
+        shared["release"][path].set()
+        errors[path] = procs[path].communicate(timeout=60)[1]
+    seen = watcher.stop()
+    assert procs["/good"].returncode == 0, errors["/good"]
+    assert procs[bad].returncode == 1, errors[bad]
+    assert dest.read_bytes() == PAYLOAD
+    assert seen <= {DIGEST}, "a bad file was at the final path"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    last = errors[bad].strip().splitlines()[-1]
+    assert last.startswith("[model-download] model download failed: ")
+    if bad == "/corrupt":
+        assert f"expected {DIGEST}, got {hashlib.sha256(CORRUPT).hexdigest()}" in last
+    else:
+        assert f"short read: {len(PAYLOAD) // 2} of {len(PAYLOAD)} bytes" in last
