@@ -7,6 +7,13 @@ policy (:mod:`llamaherd_operator.policy`) for the desired replicas, and, when th
 reconcile then applies the Deployment with that count: the Deployment follows the
 InferenceService.
 
+A scale write never overwrites a newer count: the decision is made on the InferenceService as
+read from the API server just before (``spec.replicas``, its spec and status), and the write
+carries that read's ``resourceVersion``. A 409 Conflict (the gateway raised it from zero, a
+person ran ``kubectl scale``, the spec changed) means: read it again and decide again, at most
+``SCALE_ATTEMPTS`` times a period, then leave it to the next period. The policy's history is
+updated only by the decision that was used.
+
 ``kubectl scale inferenceservice NAME --replicas=N``:
 - autoscaling off: ``spec.replicas`` rules; the Deployment follows it;
 - autoscaling on: N is taken as the current size (clamped to [minReplicas, maxReplicas]); the
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -48,6 +56,7 @@ from llamaherd_operator.metrics import OperatorMetrics
 from llamaherd_operator.policy import (
     Decision,
     History,
+    Metrics,
     ScalingSpec,
     conflicting_autoscalers,
     decide,
@@ -68,6 +77,7 @@ FIELD_MANAGER = "llamaherd-autoscaler"
 CONFLICTING_AUTOSCALER = "ConflictingAutoscaler"
 PROMETHEUS_URL_NOT_ALLOWED = "PrometheusURLNotAllowed"
 CONCURRENCY = 10  # services sized at the same time
+SCALE_ATTEMPTS = 3  # reads, decisions and scale writes per period when the object keeps changing
 
 Key = tuple[str, str]
 
@@ -127,78 +137,157 @@ def precheck(
     return None
 
 
+class ScaleConflict(Exception):
+    """The InferenceService changed between every read and the write that followed it."""
+
+
 async def autoscale_once(
     body: Mapping[str, Any],
     state: AutoscalerState,
     kube: Kube,
     hpas: list[Mapping[str, Any]] | None = None,
 ) -> Decision | None:
-    """One period for one InferenceService: measure, decide, scale, report."""
-    meta, spec = body["metadata"], body["spec"]
-    key: Key = (meta["namespace"], meta["name"])
-    if not autoscaling_enabled(spec):
+    """One period for one InferenceService: measure, decide, scale, report.
+
+    ``body`` (the index's snapshot) says what to measure; the decision is made on the object
+    read afresh after measuring, and the scale write carries that read's ``resourceVersion``.
+    When the object changed in between (409: the gateway raised it from zero, a person scaled
+    it, the spec moved), it is read and decided again, at most ``SCALE_ATTEMPTS`` times: a
+    newer replica count is never overwritten with one decided on an older one."""
+    key: Key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    if not autoscaling_enabled(body["spec"]):
         forget(state, key)
         return None
-    scaling = ScalingSpec.from_resource(spec)
-    current = int(spec.get("replicas", 1))
-    auto = spec.get("autoscaling") or {}
-    signals = None
-    decision = precheck(body, state, list(hpas or []))
-    if decision is None:
-        url = auto.get("prometheusUrl") or state.prometheus_url
-        queries = Queries.for_selector(
-            selector_for(state.selector_template, *key), int(auto.get("metricsWindowSeconds", 60))
-        )
-        started = time.perf_counter()
-        error = "no metrics"
-        try:
-            signals = await state.prometheus.service_metrics(
-                url, queries, staleness_s=state.staleness_s
-            )
-        except MetricsUnavailable as exc:
-            signals, error = None, str(exc)
-            state.metrics.query_errors.inc()
-        finally:
-            state.metrics.query_duration.observe(time.perf_counter() - started)
-        held = 0.0
-        try:  # the gateway's held requests: demand, and the reason to leave zero
-            held = await state.prometheus.held_requests(url, held_query(*key))
-        except MetricsUnavailable as exc:
-            log.debug("no held requests for %s/%s: %s", *key, exc)
-        history = state.histories.setdefault(key, History())
-        decision = decide(
-            signals,
-            current,
-            time.monotonic(),
-            scaling,
-            history,
-            unavailable_reason=error,
-            held=held,
-        )
+    hpa_list = list(hpas or [])
+    measured = None  # nothing is sent to Prometheus for a service held before measuring
+    if precheck(body, state, hpa_list) is None:
+        measured = await measure(body, state, key)
+    signals = measured[0] if measured is not None else None
+    outcome = await decide_and_scale(key, state, kube, hpa_list, measured, time.monotonic())
+    if outcome is None:  # gone, being deleted, or no longer autoscaled
+        forget(state, key)
+        return None
+    fresh, decision, scaling, history = outcome
+    if measured is not None:
+        state.histories[key] = history
+
     state.metrics.decisions.labels(direction=decision.direction).inc()
     labels = {"namespace": key[0], "inferenceservice": key[1]}
     state.metrics.desired_replicas.labels(**labels).set(decision.desired)
     state.metrics.min_replicas.labels(**labels).set(scaling.min_replicas)
     state.metrics.max_replicas.labels(**labels).set(scaling.max_replicas)
-
-    if decision.desired != current:
-        await kube.scale_inference_service(*key, decision.desired, FIELD_MANAGER)
-        log.info("%s/%s scaled %d -> %d: %s", *key, current, decision.desired, decision.message)
     changed_reason = state.last_reason.get(key) != decision.reason
     state.last_reason[key] = decision.reason
-    if decision.desired != current or changed_reason:
+    if decision.desired != decision.current or changed_reason:
         try:
             await kube.post_event(
-                body,
+                fresh,
                 "Normal" if decision.scaling_active else "Warning",
                 decision.reason,
                 decision.message,
             )
         except KubeError as err:
             log.warning("could not post the %s Event: %s", decision.reason, err)
-    status = autoscaler_status(body.get("status") or {}, decision, signals, meta.get("generation"))
+    meta = fresh["metadata"]
+    status = autoscaler_status(fresh.get("status") or {}, decision, signals, meta.get("generation"))
     await kube.apply_status(*key, status, field_manager=FIELD_MANAGER)
     return decision
+
+
+async def decide_and_scale(
+    key: Key,
+    state: AutoscalerState,
+    kube: Kube,
+    hpas: list[Mapping[str, Any]],
+    measured: tuple[Metrics | None, float, str] | None,
+    now: float,
+) -> tuple[dict[str, Any], Decision, ScalingSpec, History] | None:
+    """Read the InferenceService, decide on what was read, and write the scale with the
+    ``resourceVersion`` read; on a conflict, again (at most ``SCALE_ATTEMPTS`` times).
+
+    Returns the object read, the decision, its scaling spec and the policy history that
+    decision left (a copy: the caller keeps it only for the decision that stood); None when
+    the service is gone or no longer autoscaled. ``measured``: the signals, held requests and
+    why there are no signals; None when the period did not measure (it was held)."""
+    for _ in range(SCALE_ATTEMPTS):
+        fresh = await kube.get_inference_service(*key)
+        if (
+            fresh is None
+            or not autoscaling_enabled(fresh.get("spec") or {})
+            or fresh["metadata"].get("deletionTimestamp")
+        ):
+            return None
+        spec = fresh["spec"]
+        current = int(spec.get("replicas", 1))
+        scaling = ScalingSpec.from_resource(spec)
+        history = copy.deepcopy(state.histories.get(key) or History())
+        decision = precheck(fresh, state, hpas) or decide_on(
+            measured, current, now, scaling, history
+        )
+        if decision.desired == current:
+            return fresh, decision, scaling, history
+        version = str(fresh["metadata"]["resourceVersion"])
+        if await kube.scale_inference_service(
+            *key, decision.desired, FIELD_MANAGER, resource_version=version
+        ):
+            log.info("%s/%s scaled %d -> %d: %s", *key, current, decision.desired, decision.message)
+            return fresh, decision, scaling, history
+        log.info(
+            "%s/%s changed since it was read (resourceVersion %s); deciding again", *key, version
+        )
+    raise ScaleConflict(
+        f"it changed {SCALE_ATTEMPTS} times between a read and the scale write; "
+        "nothing written, trying again next period"
+    )
+
+
+def decide_on(
+    measured: tuple[Metrics | None, float, str] | None,
+    current: int,
+    now: float,
+    scaling: ScalingSpec,
+    history: History,
+) -> Decision:
+    """The policy's decision on what was measured; a hold when nothing was (the period began
+    held and the hold was lifted since: the next period measures)."""
+    if measured is None:
+        return hold(
+            current,
+            "MetricsUnavailable",
+            f"holding {current} replicas: not measured this period (it was held when the "
+            "period began)",
+        )
+    signals, held, error = measured
+    return decide(signals, current, now, scaling, history, unavailable_reason=error, held=held)
+
+
+async def measure(
+    body: Mapping[str, Any], state: AutoscalerState, key: Key
+) -> tuple[Metrics | None, float, str]:
+    """The service's signals from Prometheus, the requests the gateway holds for it, and why
+    there are no signals when there are none."""
+    auto = body["spec"].get("autoscaling") or {}
+    url = auto.get("prometheusUrl") or state.prometheus_url
+    queries = Queries.for_selector(
+        selector_for(state.selector_template, *key), int(auto.get("metricsWindowSeconds", 60))
+    )
+    started = time.perf_counter()
+    signals, error = None, "no metrics"
+    try:
+        signals = await state.prometheus.service_metrics(
+            url, queries, staleness_s=state.staleness_s
+        )
+    except MetricsUnavailable as exc:
+        error = str(exc)
+        state.metrics.query_errors.inc()
+    finally:
+        state.metrics.query_duration.observe(time.perf_counter() - started)
+    held = 0.0
+    try:  # the gateway's held requests: demand, and the reason to leave zero
+        held = await state.prometheus.held_requests(url, held_query(*key))
+    except MetricsUnavailable as exc:
+        log.debug("no held requests for %s/%s: %s", *key, exc)
+    return signals, held, error
 
 
 async def _namespace_hpas(state: AutoscalerState, kube: Kube, namespace: str) -> list[Any]:

@@ -135,17 +135,29 @@ class Kube:
         return True
 
     async def scale_inference_service(
-        self, namespace: str, name: str, replicas: int, field_manager: str
-    ) -> None:
-        """Write ``spec.replicas`` through the InferenceService's scale subresource."""
-        await self.client.patch(
-            InferenceService.Scale,
-            name,
-            {"spec": {"replicas": replicas}},
-            namespace=namespace,
-            patch_type=PatchType.MERGE,
-            field_manager=field_manager,
-        )
+        self, namespace: str, name: str, replicas: int, field_manager: str, resource_version: str
+    ) -> bool:
+        """Write ``spec.replicas`` through the InferenceService's scale subresource, only if
+        the object is still at ``resource_version`` (the version the decision was made on).
+
+        False when it changed since (409 Conflict: nothing written); the caller reads it again
+        and decides again, so a newer count (the gateway raising it from zero, a person's
+        ``kubectl scale``) is never overwritten with one decided on an older version."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
+        try:
+            await self.client.patch(
+                InferenceService.Scale,
+                name,
+                patch,
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+                field_manager=field_manager,
+            )
+        except ApiError as err:
+            if status_code(err) == 409:
+                return False
+            raise
+        return True
 
     async def list_horizontal_pod_autoscalers(self, namespace: str) -> list[dict[str, Any]]:
         """The autoscaling/v2 HorizontalPodAutoscalers of one namespace."""
