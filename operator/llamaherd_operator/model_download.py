@@ -110,7 +110,7 @@ def fetch_once(url: str, dest: str, timeout: float, expected: str | None) -> str
     it is written; only a complete file whose sha256 is ``expected`` (when given) is synced and
     renamed to ``dest``, atomically. Returns its sha256. Whatever fails, the temporary file is
     removed and ``dest`` is left as it was."""
-    part = part_path(dest)
+    part, created = part_path(dest), False
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "llamaherd-model-download/1"})
     try:
@@ -120,6 +120,7 @@ def fetch_once(url: str, dest: str, timeout: float, expected: str | None) -> str
             next_report = time.monotonic() + 10
             # O_EXCL: a name some other process already has is never written into.
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            created = True
             with os.fdopen(fd, "wb") as out:
                 while chunk := response.read(CHUNK_BYTES):
                     out.write(chunk)
@@ -142,8 +143,9 @@ def fetch_once(url: str, dest: str, timeout: float, expected: str | None) -> str
                 os.fsync(out.fileno())
         os.replace(part, dest)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(part)
+        if created:
+            with contextlib.suppress(OSError):
+                os.remove(part)
         raise
     _sync_directory(os.path.dirname(dest))
     return got
