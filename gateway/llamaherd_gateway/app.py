@@ -21,7 +21,7 @@ async def running_gateway(
 ) -> AsyncIterator[Gateway]:
     """The gateway with its watch on the cluster running; everything closed on exit.
     ``url_for``: the URL of an endpoint (default ``http://address:port``)."""
-    registry = Registry()
+    registry = Registry(cross_namespace=settings.allow_cross_namespace_models)
     kube = connect(settings.request_timeout_seconds)
     watcher = Watcher(
         kube,

@@ -28,13 +28,18 @@ UPSTREAM_LATENCY = "llamaherd_gateway_upstream_latency_seconds"
 OUTSTANDING = "llamaherd_gateway_requests_outstanding"
 ENDPOINTS = "llamaherd_gateway_ready_endpoints"
 SCALE_UPS = "llamaherd_gateway_scale_from_zero"
+EJECTIONS = "llamaherd_gateway_ejections"
+EJECTED = "llamaherd_gateway_ejected_endpoints"
+IGNORED_CLAIMS = "llamaherd_gateway_ignored_model_claims"
 
 # ok: the replica answered 2xx; upstream_4xx / upstream_5xx: it answered an error;
 # not_found: no such model; bad_request: the gateway could not read the request;
 # hold_timeout / hold_full: no ready replica in time / too many held (503 + Retry-After);
 # unavailable: every replica tried refused or reset the connection (502);
 # cancelled: the client went away first; upstream_broken: the replica broke mid-response;
-# unauthorized: the gateway's own API key check refused it (model unknown: label '').
+# unauthorized: the gateway's own API key check refused it; error: a fault of the gateway's own
+# (500). The model label is '' unless the model is one the gateway serves: a client's made-up
+# name never becomes a series.
 OUTCOMES = (
     "ok",
     "upstream_4xx",
@@ -47,6 +52,7 @@ OUTCOMES = (
     "cancelled",
     "upstream_broken",
     "unauthorized",
+    "error",
 )
 
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -134,6 +140,27 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.ejections = Counter(
+            EJECTIONS,
+            "Times a replica of the service was ejected from picking by outlier detection "
+            "(consecutive refused or broken connections, or 5xx answers).",
+            list(SERVICE),
+            registry=r,
+        )
+        self.ejected = Gauge(
+            EJECTED,
+            "Ready endpoints of the service ejected from picking now.",
+            list(SERVICE),
+            registry=r,
+        )
+        self.ignored_claims = Gauge(
+            IGNORED_CLAIMS,
+            "Model names the service claims (its name, servedModelNames) that another "
+            "namespace owns: not routed to it.",
+            list(SERVICE),
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -153,6 +180,9 @@ def exported_names() -> set[str]:
     metrics.outstanding.labels("ns", "svc")
     metrics.endpoints.labels("ns", "svc")
     metrics.scale_ups.labels("ns", "svc")
+    metrics.ejections.labels("ns", "svc")
+    metrics.ejected.labels("ns", "svc")
+    metrics.ignored_claims.labels("ns", "svc")
     names: set[str] = set()
     for family in text_string_to_metric_families(metrics.render().decode()):
         names.update(sample.name for sample in family.samples)

@@ -22,6 +22,11 @@ with a prompt:
 c = 0 spreads as evenly as least-loaded while keeping the affinity whenever it costs nothing;
 a large c keeps prefixes on their replica until it is far busier than the rest.
 
+**Outliers.** Replicas ejected by outlier detection (:mod:`llamaherd_gateway.outliers`) are
+left out before the pick, but never more than ``max_ejection_percent`` of a service's ready
+endpoints (:func:`in_service`); a replica's consecutive failures count in its load, so one that
+refuses connections never looks idle, ejected or not.
+
 **Traffic split.** Several InferenceServices may serve one model name; a request picks one at
 random with probability proportional to ``spec.gateway.weight`` among those with a ready
 replica (weight 0 gets no traffic while another has a ready replica).
@@ -49,7 +54,8 @@ def affinity_key(path: str, body: Mapping[str, Any], prefix_chars: int) -> str:
         return ""
     if path.endswith("/chat/completions"):
         system, user = "", ""
-        for message in body.get("messages") or []:
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else []:
             if not isinstance(message, Mapping):
                 continue
             role, content = message.get("role"), _text(message.get("content"))
@@ -61,7 +67,7 @@ def affinity_key(path: str, body: Mapping[str, Any], prefix_chars: int) -> str:
         text = f"{system}\x00{user}" if system or user else ""
     else:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
             text = " ".join(map(str, prompt[:prefix_chars]))  # token ids, written out
         else:
             if isinstance(prompt, list):
@@ -79,7 +85,9 @@ def _text(content: Any) -> str:
 
 
 def _score(key: str, replica: str) -> int:
-    digest = hashlib.blake2b(f"{key}\x00{replica}".encode(), digest_size=8).digest()
+    # surrogatepass: a JSON string may hold a lone surrogate, which strict UTF-8 refuses
+    text = f"{key}\x00{replica}".encode(errors="surrogatepass")
+    digest = hashlib.blake2b(text, digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -110,6 +118,24 @@ def pick_replica(
     candidates = [r for r, load in loads.items() if load == least]
     chosen = (rng or random).choice(sorted(candidates))
     return chosen, LEAST_LOADED
+
+
+def ejectable(endpoints: int, ejected: int, max_percent: int) -> bool:
+    """Whether one more of a service's ``endpoints`` may be ejected while ``ejected`` are:
+    at most ``floor(endpoints x max_percent / 100)`` at once."""
+    return ejected + 1 <= endpoints * max_percent // 100
+
+
+def in_service(replicas: Sequence[T], ejected: Mapping[T, float], max_percent: int) -> list[T]:
+    """The replicas to pick from: all but the ejected ones (``ejected``: replica -> when it was
+    ejected), of which at most ``floor(len(replicas) x max_percent / 100)`` stay out, the
+    earliest ejected first. Never none: when all may be out (100%), all are in."""
+    out = [r for r in replicas if r in ejected]
+    if not out:
+        return list(replicas)
+    allowed = len(replicas) * max_percent // 100
+    kept_out = set(sorted(out, key=lambda r: ejected[r])[:allowed])
+    return [r for r in replicas if r not in kept_out] or list(replicas)
 
 
 def pick_weighted(

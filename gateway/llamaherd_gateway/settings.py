@@ -37,7 +37,40 @@ class GatewaySettings(BaseSettings):
         default=None,
         description="A file of API keys, one per line (a mounted Secret); when set, every /v1/ "
         "request needs 'Authorization: Bearer <one of them>' (401 otherwise). The file is read "
-        "again when it changes. The header still goes on to the replica.",
+        "again when it changes.",
+    )
+    forward_authorization: bool = Field(
+        default=False,
+        description="With api_keys_file, pass the client's Authorization header on to the "
+        "replica too (for servers with the same apiKey). Off: the gateway's keys stay with the "
+        "gateway. Without api_keys_file the header always goes on (the servers check it).",
+    )
+    # ---- tenants ----
+    allow_cross_namespace_models: bool = Field(
+        default=False,
+        description="Let services in several namespaces serve one model name (a split across "
+        "namespaces). Off: a name belongs to one namespace (the one whose service is named "
+        "like it, else the oldest claimant's) and claims from other namespaces are ignored.",
+    )
+    max_priority: int = Field(
+        default=9,
+        ge=0,
+        le=9,
+        description="Highest priority (X-Priority header or the body's 'priority', 0-9) a "
+        "client may ask for; higher asks are lowered to it. Keys in priority_limits_file get "
+        "their own limit. 9: no limit.",
+    )
+    priority_limits_file: Path | None = Field(
+        default=None,
+        description="A file of '<api key> <max priority>' lines (a mounted Secret): the highest "
+        "priority each key may ask for, in place of max_priority. Read again when it changes.",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=1 << 30,
+        description="Largest request body, in bytes (the server's own default limit): a larger "
+        "Content-Length is refused with 413 before the body is read.",
     )
     # ---- holding requests for a service with no ready replica ----
     hold_timeout_seconds: float = Field(
@@ -90,8 +123,37 @@ class GatewaySettings(BaseSettings):
         default=2,
         ge=0,
         le=10,
-        description="Other replicas tried when a connection is refused or reset before the "
-        "first response byte; never after the response started.",
+        description="Other replicas tried when one cannot have started the request: the "
+        "connection was refused, or broke before the request was sent, or (streamed requests, "
+        "whose response starts when a slot takes them) before the response headers.",
+    )
+    # ---- outlier detection ----
+    outlier_consecutive_failures: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Consecutive failures (refused or broken connections, 5xx answers) that "
+        "eject a replica from picking for a while; 0 turns ejection off.",
+    )
+    outlier_base_ejection_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="First ejection's length; each further ejection of the same replica "
+        "lasts this much longer (one is forgiven per this long back in service).",
+    )
+    outlier_max_ejection_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest ejection.",
+    )
+    outlier_max_ejection_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="Most of a service's ready endpoints ejected at once, in percent (rounded "
+        "down: a service with one endpoint keeps it).",
     )
     # ---- upstream ----
     connect_timeout_seconds: float = Field(
@@ -106,6 +168,14 @@ class GatewaySettings(BaseSettings):
     )
     max_connections: int = Field(
         default=1000, ge=1, le=100_000, description="Most open connections to all replicas."
+    )
+    upstream_keepalive_seconds: float = Field(
+        default=4.0,
+        gt=0,
+        le=3600,
+        description="How long an idle connection to a replica is kept for the next request: "
+        "under the server's own keep-alive (uvicorn's 5 s), so the gateway closes it first and "
+        "never sends a request on a connection the server is closing.",
     )
     # ---- Kubernetes ----
     request_timeout_seconds: float = Field(

@@ -17,6 +17,7 @@ from lightkube.operators import exists
 from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.types import PatchType
 
+from llamaherd_gateway.logs import log_value
 from llamaherd_gateway.registry import SERVICE_NAME_LABEL, Registry
 
 try:  # lightkube 1.x speaks HTTP through httpx2, older releases through httpx
@@ -45,7 +46,13 @@ def connect(request_timeout: float) -> AsyncClient:
 
 class Watcher:
     """Keeps the registry in step with the API: one list-then-watch loop per kind and
-    namespace (or one cluster-wide), relisting in full every ``resync_s`` and after any error."""
+    namespace (or one cluster-wide), relisting in full every ``resync_s`` and after any error.
+
+    ``ready`` is true while every loop has listed and its watch has not failed since: a loop
+    whose list or watch fails (the API is gone, RBAC was taken away) makes it false until that
+    loop has listed again, so a gateway whose view of the cluster is going stale leaves its
+    Service's endpoints. A 410 Gone (the watch's resourceVersion is too old) is routine: the
+    loop lists again at once and stays ready."""
 
     def __init__(
         self,
@@ -63,6 +70,7 @@ class Watcher:
         self.resync_s = resync_s
         self.synced: set[tuple[str, str | None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._reported_claims: dict[tuple[str, str], tuple[str, ...]] = {}
 
     @property
     def ready(self) -> bool:
@@ -92,9 +100,39 @@ class Watcher:
                         await self._list_and_watch(kind, namespace)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the API went away, a 410 Gone, RBAC: list again
-                log.warning("watching %s in %s failed: %s", kind, namespace or "all", exc)
-                await asyncio.sleep(RETRY_DELAY_S)
+            except ApiError as exc:
+                if exc.status.code == 410:  # Gone: the version is too old; list again now
+                    log.info("watch of %s in %s expired; listing again", kind, namespace or "all")
+                    continue
+                self._failed(kind, namespace, exc)
+            except Exception as exc:  # the API went away, a dropped connection: list again
+                self._failed(kind, namespace, exc)
+            else:
+                continue  # the resync period is over: list again
+            await asyncio.sleep(RETRY_DELAY_S)
+
+    def _failed(self, kind: str, namespace: str | None, exc: Exception) -> None:
+        self.synced.discard((kind, namespace))
+        log.warning(
+            "watching %s in %s failed (not ready until it lists again): %s",
+            kind,
+            namespace or "all",
+            exc,
+        )
+
+    def _report_claims(self) -> None:
+        """Log each model name claim that another namespace's ownership makes void, once."""
+        ignored = self.registry.ignored_claims()
+        for (namespace, name), models in ignored.items():
+            if self._reported_claims.get((namespace, name)) != models:
+                log.warning(
+                    "InferenceService %s/%s claims model names that another namespace serves; "
+                    "not routed to it: %s (allow_cross_namespace_models allows it)",
+                    namespace,
+                    name,
+                    ", ".join(log_value(m) for m in models),
+                )
+        self._reported_claims = dict(ignored)
 
     async def _list_and_watch(self, kind: str, namespace: str | None) -> None:
         res: Any
@@ -111,6 +149,8 @@ class Watcher:
         objs = [_as_dict(obj) async for obj in listing]
         replace(namespace, objs)
         self.synced.add((kind, namespace))
+        if kind == "isvc":
+            self._report_claims()
         version = listing.resourceVersion
         stream = self.client.watch(
             res,
@@ -126,6 +166,8 @@ class Watcher:
                 delete(meta["namespace"], meta["name"])
             else:
                 upsert(body)
+            if kind == "isvc":
+                self._report_claims()
 
 
 async def raise_from_zero(client: AsyncClient, namespace: str, name: str) -> bool:
