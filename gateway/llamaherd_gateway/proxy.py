@@ -104,17 +104,25 @@ def failure_kind(exc: BaseException, handed_over: bool, streamed: bool) -> str:
 
 class RequestBody(aiohttp.BytesPayload):
     """A request body that knows whether it was handed to the connection: ``handed_over``
-    turns true just before its first byte is written (the headers wait in aiohttp's buffer to
-    go out with it), so while it is false the replica cannot have the whole request."""
+    turns true just before its bytes are written, if the connection is open then (the headers
+    wait in aiohttp's buffer to go out with them). While it is false the replica cannot have
+    the whole request."""
 
     handed_over = False
 
+    def _hand_over(self, writer: Any) -> None:
+        if not hasattr(writer, "transport"):  # a writer that does not say: count it as sent
+            self.handed_over = True
+            return
+        transport = writer.transport
+        self.handed_over = transport is not None and not transport.is_closing()
+
     async def write(self, writer: Any) -> None:
-        self.handed_over = True
+        self._hand_over(writer)
         await super().write(writer)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        self.handed_over = True
+        self._hand_over(writer)
         await super().write_with_length(writer, content_length)
 
 
@@ -453,9 +461,11 @@ class Gateway:
         deadline = time.monotonic() + self.settings.hold_timeout_seconds
         for attempt in range(self.settings.retries + 1):
             candidates = [ep for ep in self._in_service(endpoints) if ep not in tried]
-            if not candidates:
-                fresh = self._in_service(self.registry.endpoints(service.key))
-                candidates = [ep for ep in fresh if ep not in tried]
+            if not candidates:  # the endpoints may have changed; else the ejected, before waiting
+                current = self.registry.endpoints(service.key)
+                candidates = [ep for ep in self._in_service(current) if ep not in tried] or [
+                    ep for ep in current if ep not in tried
+                ]
             if not candidates and tried:
                 # Every ready replica refused: the endpoints are behind (a pod died). Wait, as a
                 # hold does and within its bound, for one not tried yet.
@@ -567,11 +577,7 @@ class Gateway:
         gauge.inc()
         try:
             while True:
-                fresh = [
-                    ep
-                    for ep in self._in_service(self.registry.endpoints(service.key))
-                    if ep not in tried
-                ]
+                fresh = [ep for ep in self.registry.endpoints(service.key) if ep not in tried]
                 left = deadline - time.monotonic()
                 if fresh or left <= 0:
                     return fresh

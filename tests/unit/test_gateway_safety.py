@@ -36,6 +36,7 @@ from llamaherd_gateway.proxy import (
     UNSENT,
     UNSTARTED,
     Gateway,
+    RequestBody,
     failure_kind,
     upstream_session,
 )
@@ -207,6 +208,41 @@ def connector_error() -> aiohttp.ClientConnectorError:
 )
 def test_failure_kinds(exc: BaseException, handed_over: bool, streamed: bool, kind: str) -> None:
     assert failure_kind(exc, handed_over, streamed) == kind
+
+
+class FakeTransport:
+    def __init__(self, closing: bool) -> None:
+        self.closing = closing
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class FakeWriter:
+    def __init__(self, transport: FakeTransport | None) -> None:
+        self.transport = transport
+        self.written = b""
+
+    async def write(self, chunk: bytes) -> None:
+        self.written += bytes(chunk)
+
+
+@pytest.mark.parametrize(
+    ("transport", "handed_over"),
+    [(FakeTransport(False), True), (FakeTransport(True), False), (None, False)],
+)
+async def test_a_body_knows_whether_it_was_handed_over(
+    transport: FakeTransport | None, handed_over: bool
+) -> None:
+    for length in (None, 5):
+        body = RequestBody(b'{"model": "m"}')
+        assert not body.handed_over
+        writer = FakeWriter(transport)
+        await body.write_with_length(writer, length)
+        assert body.handed_over is handed_over
+    body = RequestBody(b"{}")
+    await body.write(FakeWriter(transport))
+    assert body.handed_over is handed_over
 
 
 # ---- logs and labels ------------------------------------------------------------------------
