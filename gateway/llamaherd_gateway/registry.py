@@ -120,19 +120,21 @@ def model_table(
     return table, {k: tuple(v) for k, v in ignored.items()}
 
 
-def _ip_of(address: Any, version: int) -> str | None:
+def _ip_of(address: Any, version: int | None) -> str | None:
     try:
         ip = ipaddress.ip_address(str(address))
     except ValueError:
         return None
-    return str(ip) if ip.version == version else None
+    return str(ip) if version is None or ip.version == version else None
 
 
 def slice_endpoints(obj: Mapping[str, Any]) -> list[Endpoint]:
-    """The ready, non-terminating endpoints of one EndpointSlice, on the server's port; none
-    from a slice that is not of IP addresses."""
-    version = IP_ADDRESS_TYPES.get(str(obj.get("addressType")))
-    if version is None:
+    """The ready, non-terminating endpoints of one EndpointSlice, on the server's port: IP
+    addresses only (of the slice's ``addressType``; the API always sets one, a slice written
+    by hand without one may hold either family); none from an FQDN slice."""
+    address_type = obj.get("addressType")
+    version = IP_ADDRESS_TYPES.get(str(address_type))
+    if version is None and address_type is not None:
         return []
     ports = obj.get("ports") or []
     port = next((p.get("port") for p in ports if p.get("name") == PORT_NAME), None)

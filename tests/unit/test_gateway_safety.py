@@ -119,7 +119,12 @@ def test_only_ip_endpoint_slices_are_dialled() -> None:
         return obj
 
     assert slice_endpoints(slice_of("FQDN", "evil.example.com")) == []
-    assert slice_endpoints(slice_of(None, "198.18.0.1")) == []
+    assert slice_endpoints(slice_of("FQDN", "198.18.0.1")) == []
+    assert slice_endpoints(slice_of("Unix", "198.18.0.1")) == []
+    # written by hand without a type (the API requires one): IP literals only
+    assert slice_endpoints(slice_of(None, "198.18.0.1", "localhost")) == [
+        Endpoint("198.18.0.1", 8000)
+    ]
     assert slice_endpoints(slice_of("IPv4", "198.18.0.1", "not-an-ip", "fd00::1")) == [
         Endpoint("198.18.0.1", 8000)
     ]
