@@ -88,7 +88,9 @@ def create_service(cp: ControlPlane, namespace: str) -> dict[str, Any]:
 
 
 def get_service(cp: ControlPlane, namespace: str) -> dict[str, Any]:
-    out = cp.kubectl("get", "lhis", NAME, "-n", namespace, "-o", "json", check=True).stdout
+    out = cp.kubectl(
+        "get", "lhis", NAME, "-n", namespace, "-o", "json", "--show-managed-fields", check=True
+    ).stdout
     return dict(json.loads(out))
 
 
