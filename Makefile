@@ -6,7 +6,7 @@ MODEL ?= models/demo.gguf
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps binaries model run test test-unit lint simulate clean
+.PHONY: help setup system-deps binaries model run test test-unit fuzz lint simulate clean
 
 help:
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | expand -t 20
@@ -29,6 +29,11 @@ test: setup system-deps binaries images kind-image ## set up everything, run eve
 
 test-unit: setup ## only the tests that need no cluster, Prometheus or Docker images
 	$(PY) -m pytest -m "not cluster and not prometheus and not images and not e2e and not tools" $(PYTEST_ARGS)
+
+FUZZ_EXAMPLES ?= 600
+fuzz: setup ## a longer run of the API fuzz tests (LLAMAHERD_FUZZ_EXAMPLES per strategy; CI runs 40)
+	LLAMAHERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/server/test_fuzz.py \
+		$(wildcard tests/integration/test_gateway_fuzz.py) -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .

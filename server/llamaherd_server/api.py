@@ -15,13 +15,15 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from sse_starlette.sse import EventSourceResponse
 
 from . import __version__
 from .bridge import Generation, ensure_ready, sse, usage
-from .chat import ChatTemplateError, render_chat
+from .chat import ChatTemplateError, render_chat, render_chat_parts, tokenize_parts
 from .engine import Engine, SamplingParams
 from .errors import APIError, install_error_handlers
 from .gpu import gpu_utilization
@@ -29,7 +31,10 @@ from .metrics import ServerMetrics
 from .middleware import APIKey, BodyLimit
 from .protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     SamplingFields,
@@ -109,6 +114,7 @@ def create_app(
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     # The last added runs first: the body limit, then the API key.
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     app.add_middleware(APIKey, key=api_key)
@@ -122,6 +128,60 @@ def _load_quietly(engine: Engine, on_failure: Callable[[str], object] | None) ->
     except Exception:  # already logged by the engine; /health and /ready report it
         if on_failure is not None:
             on_failure(engine.load_error or "model load failed")
+
+
+# The routes read their bodies themselves (read_body: parsed off the event loop), so FastAPI
+# does not know them: the schema gets them here, as the fuzz tests and clients read it.
+REQUEST_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/generate": GenerateRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in {
+        400: "invalid request (the message and `param` name the field)",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "body too large",
+        429: "queue full (Retry-After)",
+        499: "client disconnected",
+        500: "this request failed in the engine",
+        503: "loading, draining or unhealthy (Retry-After)",
+        504: "request timed out",
+    }.items()
+}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, defs = models_json_schema(
+        [(model, "validation") for model in REQUEST_BODIES.values()],
+        ref_template="#/components/schemas/{model}",
+    )
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for path, model in REQUEST_BODIES.items():
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    app.openapi_schema = schema
+    return schema
+
+
+def stream_or(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {
+        **ERRORS,
+        200: {
+            "model": model,
+            "description": "the answer; with `stream: true` server-sent events",
+            "content": {"text/event-stream": {}},
+        },
+    }
 
 
 # ---- what routes read from the app ---------------------------------------------------------
@@ -218,12 +278,17 @@ def prompt_tokens(
                 param="prompt",
             )
         tokens = list(prompt)
+    return fits_context(tokens, settings, "prompt")
+
+
+def fits_context(tokens: list[int], settings: ServerSettings, param: str) -> list[int]:
+    """``tokens``, or the 400 that says they leave no room in a slot's context."""
     if len(tokens) >= settings.context_size:
         raise APIError(
             400,
             f"prompt is {len(tokens)} tokens, longer than the context per "
             f"slot ({settings.context_size} tokens, generation included)",
-            param="prompt",
+            param=param,
             code="context_length_exceeded",
         )
     return tokens
@@ -247,25 +312,64 @@ def too_long(engine: Engine, settings: ServerSettings, chars: int) -> None:
 def chat_prompt_tokens(
     engine: Engine, settings: ServerSettings, messages: list[dict[str, str]]
 ) -> list[int]:
+    """The chat prompt's tokens. The messages' content is text, whatever it says: only the
+    template's own markers become control tokens (chat.render_chat_parts)."""
     too_long(engine, settings, sum(len(m["content"]) for m in messages))
+    template = settings.chat_template or engine.chat_template
+    render = {"bos_token": engine.bos_text, "eos_token": engine.eos_text}
     try:
-        text = render_chat(
-            settings.chat_template or engine.chat_template,
-            messages,
-            bos_token=engine.bos_text,
-            eos_token=engine.eos_text,
-        )
+        parts = render_chat_parts(template, messages, **render)
+        if parts is None:
+            # The template edits or drops content: the clients' text cannot be told apart.
+            # Safe only when no message holds a control token's text.
+            if any(
+                engine.controls_pattern is not None and engine.controls_pattern.search(m["content"])
+                for m in messages
+            ):
+                raise APIError(
+                    400,
+                    "a message contains a special token's text, and this model's chat template "
+                    "changes message content, so it cannot be kept as plain text",
+                    param="messages",
+                )
+            parts = [(render_chat(template, messages, **render), False)]
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), param="messages", code="no_chat_template") from None
-    if engine.bos_text and text.startswith(engine.bos_text):
-        text = text[len(engine.bos_text) :]
-    return prompt_tokens(engine, settings, text, special=True)
+    bos = engine.bos_text
+    if bos and parts and not parts[0][1] and parts[0][0].startswith(bos):
+        # The template writes BOS; tokenizing adds it (once).
+        parts[0] = (parts[0][0][len(bos) :], False)
+    text_chars = sum(len(text) for text, _ in parts)
+    if not text_chars:
+        raise APIError(400, "the rendered chat prompt is empty", param="messages")
+    tokens = engine.tokenize("", add_special=True) + tokenize_parts(
+        parts,
+        lambda text: engine.tokenize(text, add_special=False),
+        engine.controls_pattern,
+        engine.control_tokens,
+    )
+    return fits_context(tokens, settings, "messages")
 
 
-def start(request: Request, tokens: list[int], params: SamplingParams, priority: int) -> Generation:
-    """Submit to the engine; refusals (queue full, draining) raise their APIError."""
+def start(
+    request: Request,
+    tokens: list[int],
+    params: SamplingParams,
+    priority: int,
+    *,
+    stream: bool = False,
+) -> Generation:
+    """Submit to the engine; refusals (queue full, draining) raise their APIError. A stream's
+    generation reports its admission: its response headers wait for it (see bridge.sse)."""
     settings = settings_of(request)
-    gen = Generation(engine_of(request), tokens, params, priority, settings.request_timeout_seconds)
+    gen = Generation(
+        engine_of(request),
+        tokens,
+        params,
+        priority,
+        settings.request_timeout_seconds,
+        report_admission=stream,
+    )
     gen.submit(metrics_of(request))
     return gen
 
@@ -346,7 +450,7 @@ async def models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(request: Request) -> GenerateResponse:
     body = await read_body(request, GenerateRequest)
     settings = settings_of(request)
@@ -366,7 +470,7 @@ async def generate(request: Request) -> GenerateResponse:
     )
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=stream_or(CompletionResponse))
 async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
     body = await read_body(request, CompletionRequest)
     settings = settings_of(request)
@@ -382,7 +486,7 @@ async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
     tokens = await asyncio.to_thread(prompt_tokens, engine, settings, prompt)
     max_tokens = body.max_tokens or settings.context_size - len(tokens)
     params = sampling_params(body, max_tokens, body.temperature, settings.context_size)
-    gen = start(request, tokens, params, priority_of(request, body))
+    gen = start(request, tokens, params, priority_of(request, body), stream=body.stream)
     rid = f"cmpl-{gen.req.id}"
     model_name = settings.served_model_name
     if body.stream:
@@ -391,7 +495,7 @@ async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return envelope(model_name, rid, "text_completion", {"text": text}, finish)
 
-        return sse(gen, chunk, rid, "text_completion", include_usage)
+        return await sse(gen, request.receive, chunk, rid, "text_completion", include_usage)
     text, finish = await gen.collect(request.receive)
     return {
         **envelope(model_name, rid, "text_completion", {"text": text}, finish.finish_reason),
@@ -399,7 +503,9 @@ async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
     }
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=stream_or(ChatCompletionResponse)
+)
 async def chat_completions(request: Request) -> dict[str, Any] | EventSourceResponse:
     body = await read_body(request, ChatCompletionRequest)
     settings = settings_of(request)
@@ -411,7 +517,7 @@ async def chat_completions(request: Request) -> dict[str, Any] | EventSourceResp
         body.max_completion_tokens or body.max_tokens or settings.context_size - len(tokens)
     )
     params = sampling_params(body, max_tokens, body.temperature, settings.context_size)
-    gen = start(request, tokens, params, priority_of(request, body))
+    gen = start(request, tokens, params, priority_of(request, body), stream=body.stream)
     rid = f"chatcmpl-{gen.req.id}"
     model_name = settings.served_model_name
     if body.stream:
@@ -426,7 +532,7 @@ async def chat_completions(request: Request) -> dict[str, Any] | EventSourceResp
                 first = False
             return envelope(model_name, rid, "chat.completion.chunk", {"delta": delta}, finish)
 
-        return sse(gen, chunk, rid, "chat.completion.chunk", include_usage)
+        return await sse(gen, request.receive, chunk, rid, "chat.completion.chunk", include_usage)
     answer, finish = await gen.collect(request.receive)
     message = {"message": {"role": "assistant", "content": answer}}
     return {

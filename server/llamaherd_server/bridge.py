@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.types import Receive
 
 from .engine import (
+    Admitted,
     Engine,
     EngineDraining,
     EngineNotReady,
@@ -40,6 +41,13 @@ from .metrics import ServerMetrics
 from .protocol import error_body
 
 request_log = logging.getLogger("llamaherd.requests")
+
+T = TypeVar("T")
+
+# How long past a request's own timeout the bridge waits for the engine's last word on it
+# before it gives up on it (the engine times requests out itself; this only catches a request
+# that the engine lost).
+LOST_GRACE_S = 30.0
 
 
 def log_finished(
@@ -104,17 +112,23 @@ class Generation:
         params: SamplingParams,
         priority: int,
         timeout_s: float,
+        *,
+        report_admission: bool = False,
+        lost_after_s: float | None = None,
     ) -> None:
         self.engine = engine
-        self.events: asyncio.Queue[TextChunk | Finished | Failed] = asyncio.Queue()
+        self.events: asyncio.Queue[TextChunk | Finished | Failed | Admitted] = asyncio.Queue()
         self.done = False
         self.generated = 0
         self.logged = False
+        self.lost_after_s = timeout_s + LOST_GRACE_S if lost_after_s is None else lost_after_s
+        self._lost_timer: asyncio.TimerHandle | None = None
         self.req = GenerationRequest(
             prompt_tokens=prompt_tokens,
             params=params,
             priority=priority,
             timeout_s=timeout_s,
+            report_admission=report_admission,
             # The engine calls this on the event loop (its ``dispatch``), once per step for all
             # the step's events, so no hand-off of its own is needed here.
             emit=self.events.put_nowait,
@@ -139,6 +153,28 @@ class Generation:
         except EngineNotReady as exc:
             self.logged = True
             raise refuse(metrics, not_ready_error(str(exc)), self.req) from None
+        self._lost_timer = asyncio.get_running_loop().call_later(self.lost_after_s, self._lost)
+
+    def _lost(self) -> None:
+        """The engine has not ended the request long past its timeout: end it here (a 500),
+        and tell the engine to drop it, so the client never waits forever."""
+        if self.done:
+            return
+        self.events.put_nowait(
+            Failed(
+                "error",
+                f"the engine lost this request: no answer {self.lost_after_s:g}s after it was "
+                "submitted (its timeout is "
+                f"{self.req.timeout_s:g}s)",
+                self.generated,
+            )
+        )
+        self.engine.cancel(self.req)
+
+    def _ended(self) -> None:
+        self.done = True
+        if self._lost_timer is not None:
+            self._lost_timer.cancel()
 
     async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
         """Events until Finished or Failed. Leaving early cancels the request."""
@@ -147,12 +183,14 @@ class Generation:
                 event = await self.events.get()
                 if isinstance(event, TextChunk):
                     self.generated += event.n_tokens
+                elif isinstance(event, Admitted):
+                    continue
                 elif isinstance(event, Finished):
-                    self.done = True
+                    self._ended()
                     self.generated = event.completion_tokens
                     self.log("ok", event)
                 else:
-                    self.done = True
+                    self._ended()
                     self.generated = max(self.generated, event.completion_tokens)
                     self.log(event.outcome)
                 yield event
@@ -160,8 +198,51 @@ class Generation:
                     return
         finally:
             if not self.done:
+                self._ended()
                 self.engine.cancel(self.req)
                 self.log("cancelled")
+
+    async def admitted(self, receive: Receive) -> None:
+        """Wait until the engine gives the request a slot (submitted with
+        ``report_admission``). Raises the request's error when it fails first (a timeout in
+        the queue, a refusal), and cancels it when the client goes away while it waits."""
+
+        async def first() -> None:
+            while True:
+                event = await self.events.get()
+                if isinstance(event, Admitted):
+                    return
+                if isinstance(event, Failed):
+                    self._ended()
+                    self.log(event.outcome)
+                    raise failed_error(event)
+                # Nothing else comes before admission; keep it for the stream all the same.
+                self.events.put_nowait(event)
+                await asyncio.sleep(0)
+
+        await self._unless_disconnected(first(), receive)
+
+    async def _unless_disconnected(self, work: Awaitable[T], receive: Receive) -> T:
+        """``work``'s result, or a 499 (the request cancelled) if the client goes away first
+        (``receive`` is the request's ASGI receive, watched for ``http.disconnect``)."""
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():
+            task.cancel()
+            self._ended()
+            self.engine.cancel(self.req)
+            self.log("cancelled")
+            raise disconnected_error()
+        return task.result()
 
     async def collect(self, receive: Receive) -> tuple[str, Finished]:
         """The whole text; cancels the request if the client goes away first (``receive`` is
@@ -174,26 +255,11 @@ class Generation:
                     parts.append(event.text)
                 elif isinstance(event, Failed):
                     raise failed_error(event)
-                else:
+                elif isinstance(event, Finished):
                     return "".join(parts), event
             raise RuntimeError("generation ended without a result")
 
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        work = asyncio.ensure_future(consume())
-        watch = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not work.done():
-            work.cancel()
-            self.engine.cancel(self.req)
-            self.log("cancelled")
-            raise disconnected_error()
-        return work.result()
+        return await self._unless_disconnected(consume(), receive)
 
 
 def usage(finish: Finished) -> dict[str, Any]:
@@ -207,14 +273,20 @@ def usage(finish: Finished) -> dict[str, Any]:
     }
 
 
-def sse(
+async def sse(
     gen: Generation,
+    receive: Receive,
     chunk: Callable[[str, str | None], dict[str, Any]],
     rid: str,
     obj: str,
     include_usage: bool,
 ) -> EventSourceResponse:
-    """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``.
+    """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``, once the engine
+    has admitted the request (``gen`` submitted with ``report_admission``).
+
+    Until then the request is only queued and no response byte has gone out: a connection that
+    breaks before the headers means the work never started (the gateway retries such a request
+    on another replica), and a request that fails while queued gets its real status code.
 
     The chunk that carries ``finish_reason`` also carries ``usage``; with
     ``stream_options.include_usage`` a last chunk with no choices repeats it, as OpenAI does.
@@ -250,4 +322,5 @@ def sse(
                 yield json.dumps(error_body(error.message, type_=error.type, code=error.code))
         yield "[DONE]"
 
+    await gen.admitted(receive)
     return EventSourceResponse(events(), ping=15, sep="\n")

@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import random
+import re
 import threading
 import time
 import uuid
@@ -43,11 +44,13 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, BatchToken
+from .chat import controls_pattern
 from .kvcache import KvEntry, KvPool, Match
 from .llama_backend import LlamaBackend
 from .loadfail import ModelLoadError, failure_message
 from .metrics import ServerMetrics
 from .queue import PriorityQueue, QueueFull
+from .sampling import GREEDY_BELOW, request_seed
 
 log = logging.getLogger("llamaherd.engine")
 
@@ -55,6 +58,7 @@ log = logging.getLogger("llamaherd.engine")
 KV_GAUGE_INTERVAL_S = 0.25
 
 __all__ = [
+    "Admitted",
     "Engine",
     "EngineDraining",
     "EngineFailed",
@@ -103,7 +107,7 @@ def sampling_mode(p: SamplingParams) -> SamplingMode:
     together (sampling.py), CHAIN ones one by one through llama.cpp."""
     if p.has_penalties:
         return SamplingMode.CHAIN
-    if p.temperature <= 0:
+    if p.temperature < GREEDY_BELOW:
         return SamplingMode.GREEDY
     if p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0:
         return SamplingMode.SOFTMAX
@@ -136,7 +140,17 @@ class Failed:
     completion_tokens: int = 0
 
 
-Event = TextChunk | Finished | Failed
+@dataclass
+class Admitted:
+    """The request left the queue for a slot: from now on it runs. Sent only to requests that
+    ask for it (``GenerationRequest.report_admission``): a server sends a stream's response
+    headers then, so a client (the gateway) knows that a connection lost before them never
+    started any work."""
+
+    queue_wait_s: float
+
+
+Event = TextChunk | Finished | Failed | Admitted
 
 
 class EngineNotReady(Exception):
@@ -145,6 +159,10 @@ class EngineNotReady(Exception):
 
 class EngineDraining(Exception):
     """The server is shutting down and admits no new requests."""
+
+
+class DecodeFailed(RuntimeError):
+    """llama_decode returned an error for a whole batch."""
 
 
 class EngineFailed(EngineNotReady):
@@ -162,6 +180,9 @@ class GenerationRequest:
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     admitted_at: float | None = None
+    report_admission: bool = False
+    # Put back into the queue once after a failed step that it had no output from yet.
+    retried: bool = False
 
     @property
     def deadline(self) -> float:
@@ -218,7 +239,10 @@ class _Sequence:
 
 def _run_emits(outbox: list[tuple[Callable[[Event], object], Event]]) -> None:
     for emit, event in outbox:
-        emit(event)
+        try:
+            emit(event)
+        except Exception:  # one request's consumer must not cost the others their events
+            log.exception("handing %s to a request failed", type(event).__name__)
 
 
 def safe_emit_length(text: str, stops: tuple[str, ...]) -> int:
@@ -286,6 +310,10 @@ class Engine:
         self.n_vocab = 0
         # The longest text one token stands for, in bytes (specials included).
         self.max_token_bytes = 1
+        # The texts of the control tokens (<|im_start|>, </s>): only a chat template's own
+        # text may turn into them (chat.tokenize_parts).
+        self.control_tokens: dict[str, int] = {}
+        self.controls_pattern: re.Pattern[str] | None = None
         self._wake = threading.Condition()
         self._stop = False
         self._abort: str | None = None
@@ -297,8 +325,6 @@ class Engine:
         self._users_idle = threading.Condition()
         self._closed = False
         self._running: dict[int, _Sequence] = {}  # by sequence id
-        # Requests taken from the queue that an exception kept from a slot (see _die).
-        self._in_hand: list[GenerationRequest] = []
         # Events produced on the scheduler thread, handed out in one burst (see _deliver).
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
         self._thread_ident: int | None = None
@@ -355,14 +381,18 @@ class Engine:
             self.prefix_cache = False
             self.kv.keep = False
         self.n_vocab = backend.n_vocab
-        self.max_token_bytes = max(
-            (
-                len(backend.token_bytes(t, special=special))
-                for t in range(self.n_vocab)
-                for special in (False, True)
-            ),
-            default=1,
-        )
+        longest = 1
+        controls: dict[str, int] = {}
+        for t in range(self.n_vocab):
+            plain = backend.token_bytes(t)
+            special = backend.token_bytes(t, special=True)
+            longest = max(longest, len(plain), len(special))
+            # A control token has text only when specials are rendered (<|im_start|>, </s>).
+            if special and not plain:
+                controls.setdefault(special.decode("utf-8", errors="replace"), t)
+        self.max_token_bytes = longest
+        self.control_tokens = controls
+        self.controls_pattern = controls_pattern(controls)
         self.chat_template = backend.chat_template
         self.bos_text = backend.bos_text
         self.eos_text = backend.eos_text
@@ -550,9 +580,6 @@ class Engine:
                 self._running.pop(seq.seq_id, None)
                 self._set_kv_usage()
             self._finish_failed(seq.req, "error", message, seq.generated)
-        for taken in self._in_hand:
-            self._finish_failed(taken, "error", message, 0)
-        self._in_hand.clear()
         while (req := self.queue.pop()) is not None:
             self._finish_failed(req, "error", message, 0)
         self.metrics.requests_running.set(0)
@@ -586,18 +613,40 @@ class Engine:
             self._drop_cancelled_and_expired(now)
             if not self._running and self.max_wait_s > 0:
                 self._gather_first_batch()
-            self._admit()
-            if not self._running:
-                continue
             try:
-                self._step()
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:
+                self._step_failed(exc)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """llama_decode or the engine's own state failed: the step's KV cannot be trusted, so
+        every running sequence loses its slot and the KV is cleared. A request that has had no
+        output yet goes back to the queue once (it runs again from its prompt, as if it had
+        not been admitted); the others fail with a 500. Queued requests are not touched."""
+        log.error("engine step failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        message = f"internal engine error: {type(exc).__name__}: {exc}"
+        retry: list[GenerationRequest] = []
+        for seq in list(self._running.values()):
+            try:
+                self._release(seq, keep=False)
             except Exception:
-                log.exception("engine step failed; failing the running sequences")
-                for seq in list(self._running.values()):
-                    self._release(seq, keep=False)
-                    self._finish_failed(seq.req, "error", "internal engine error", seq.generated)
-                self.kv.drop_all()
-                self._set_kv_usage()
+                self._running.pop(seq.seq_id, None)
+            req = seq.req
+            if seq.ttft is None and not req.retried and not req.cancelled:
+                req.retried = True
+                retry.append(req)
+            else:
+                self._finish_failed(req, "error", message, seq.generated)
+        self.kv.drop_all()
+        self.metrics.requests_running.set(0)
+        self._set_kv_usage()
+        for req in retry:
+            try:
+                self.queue.put(req, force=True)
+            except Exception:
+                self._finish_failed(req, "error", message, 0)
 
     def _fail_everything(self, message: str) -> None:
         for seq in list(self._running.values()):
@@ -655,25 +704,17 @@ class Engine:
             if req.cancelled:
                 self._finish_failed(req, "cancelled", "client disconnected", 0)
                 continue
-            req.admitted_at = now
-            self.metrics.queue_wait.observe(now - req.arrival)
+            if req.admitted_at is None:  # a retried request was admitted before
+                req.admitted_at = now
+                self.metrics.queue_wait.observe(now - req.arrival)
             try:
-                sampler, seed = self._make_sampler(req.params)
-            except BaseException:
-                # Out of the queue, not running yet: the dying engine must still answer it.
-                self._in_hand.append(req)
-                raise
-            entry = self.kv.acquire()
-            if entry is None:  # cannot happen: ids >= slots
-                self.backend.free_sampler(sampler)
-                self._in_hand.append(req)
-                raise RuntimeError("no free sequence id with a free slot")
-            seq = _Sequence(req, entry, sampler)
-            if seq.mode is SamplingMode.SOFTMAX:
-                seq.rng = np.random.default_rng(seed)
+                seq = self._prepare(req)
+            except Exception as exc:  # this request's own parameters or state: it alone fails
+                self._request_error(req, exc, 0)
+                continue
             self._running[seq.seq_id] = seq
-            match = self.kv.match(req.prompt_tokens, exclude=entry)
-            entry.planned = req.prompt_tokens
+            match = self.kv.match(req.prompt_tokens, exclude=seq.entry)
+            seq.entry.planned = req.prompt_tokens
             if match is not None:
                 if match.ready:
                     self._attach(seq, match)
@@ -682,7 +723,48 @@ class Engine:
             # A wait counts as a hit: the prefix will be attached, not prefilled.
             expected = match.length if match is not None else 0
             self.kv.admitted(req.prompt_tokens, expected)
+            if req.report_admission:
+                self._emit(req, Admitted(now - req.arrival))
         self.metrics.requests_running.set(len(self._running))
+
+    def _prepare(self, req: GenerationRequest) -> _Sequence:
+        """A slot's state for a request: its sampler, its random stream and a sequence id.
+        Whatever fails here fails the request alone (nothing of it is left behind)."""
+        sampler, seed = self._make_sampler(req.params)
+        try:
+            entry = self.kv.acquire()
+            if entry is None:  # cannot happen: ids >= slots
+                raise RuntimeError("no free sequence id with a free slot")
+            try:
+                seq = _Sequence(req, entry, sampler)
+                if seq.mode is SamplingMode.SOFTMAX:
+                    seq.rng = np.random.default_rng(seed)
+            except BaseException:
+                self.kv.release(entry, keep=False)
+                raise
+        except BaseException:
+            self.backend.free_sampler(sampler)
+            raise
+        return seq
+
+    def _request_error(self, req: GenerationRequest, exc: BaseException, generated: int) -> None:
+        """Fail one request for an error of its own (logged with its id); nothing else."""
+        log.error("request %s failed: %s: %s", req.id, type(exc).__name__, exc, exc_info=exc)
+        self._finish_failed(
+            req, "error", f"internal error in this request: {type(exc).__name__}: {exc}", generated
+        )
+
+    def _fail_sequence(self, seq: _Sequence, exc: BaseException) -> None:
+        """A running sequence hit an error of its own (sampling, detokenizing, its sampler's
+        penalties): free its slot and drop its KV (it may hold a token that was never
+        accounted), fail it, and leave every other sequence and the prefix cache alone."""
+        if self._running.get(seq.seq_id) is seq:
+            try:
+                self._release(seq, keep=False)
+            except Exception:  # the slot is gone either way; the step's checks see the rest
+                self._running.pop(seq.seq_id, None)
+                log.exception("freeing the slot of failed request %s", seq.req.id)
+        self._request_error(seq.req, exc, seq.generated)
 
     def _attach(self, seq: _Sequence, match: Match) -> None:
         """Share a cached prefix of the prompt with the sequence: prefill starts after it."""
@@ -713,10 +795,13 @@ class Engine:
 
     def _make_sampler(self, p: SamplingParams) -> tuple[Any, int]:
         """llama.cpp's sampler chain for a request, and the seed it (or the engine's own
-        sampling, for SOFTMAX sequences) draws with."""
-        seed = p.seed
+        sampling, for SOFTMAX sequences) draws with: the request's seed reduced to 32 bits
+        (see sampling.request_seed), else the server's, else a random one."""
+        seed = request_seed(p.seed)
         if seed is None:
-            seed = self.default_seed if self.default_seed >= 0 else random.getrandbits(32)
+            seed = request_seed(self.default_seed)
+        if seed is None:
+            seed = random.getrandbits(32)
         return self.backend.make_sampler(p, seed), seed
 
     def _step(self) -> None:
@@ -735,16 +820,20 @@ class Engine:
                 batch.append((seq.next_token, seq.pos, seq.seq_id, True))
                 decoded.append(seq)
         sequences = len(outputs)
-        for seq in self._running.values():
+        for seq in list(self._running.values()):
             prompt = seq.req.prompt_tokens
             if seq.prompt_i >= len(prompt) or seq.wait is not None or len(batch) >= budget:
                 continue
+            if seq.req.params.has_penalties and not seq.accepted:
+                try:
+                    backend.accept(seq.sampler, prompt)
+                except Exception as exc:
+                    self._fail_sequence(seq, exc)
+                    continue
+                seq.accepted = True
             sequences += 1
             start = seq.prompt_i
             end = min(len(prompt), start + budget - len(batch))
-            if seq.req.params.has_penalties and not seq.accepted:
-                backend.accept(seq.sampler, prompt)
-                seq.accepted = True
             pos = seq.pos - start
             batch.extend((prompt[i], pos + i, seq.seq_id, False) for i in range(start, end))
             if end == len(prompt):
@@ -763,7 +852,7 @@ class Engine:
             rc = backend.decode(batch)
         self.metrics.decode_step.observe(time.perf_counter() - started)
         if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
+            raise DecodeFailed(f"llama_decode returned {rc}")
         # The batch is in the KV now.
         for seq in decoded:
             seq.entry.commit_one(seq.next_token)  # type: ignore[arg-type]
@@ -782,16 +871,40 @@ class Engine:
         if prefill_tokens:
             self.metrics.prompt_tokens.inc(prefill_tokens)
         now = time.monotonic()
-        picked = self._sample_together(outputs) if self._fast_sampling else {}
+        picked: dict[int, int] = {}
+        if self._fast_sampling:
+            try:
+                picked = self._sample_together(outputs)
+            except Exception:  # sample each sequence alone below: a failure is its own
+                log.exception("sampling the step's sequences together failed; one by one")
+        n_vocab = self.n_vocab
         for row, (index, seq) in enumerate(outputs):
-            fast = picked.get(row)
-            token = backend.sample(seq.sampler, index) if fast is None else fast
-            self._accept_token(seq, token, now)
+            try:
+                fast = picked.get(row)
+                token = self._sample_one(seq, row, index, len(outputs)) if fast is None else fast
+                if not 0 <= token < n_vocab:
+                    raise RuntimeError(f"the sampler returned token {token}, not in the vocabulary")
+                self._accept_token(seq, token, now)
+            except Exception as exc:
+                self._fail_sequence(seq, exc)
         self.metrics.generated_tokens.inc(len(outputs))
         # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
         # every entry); a step that prefilled, and every release, refresh them at once.
         if prefill_tokens or now - self._kv_gauges_at >= KV_GAUGE_INTERVAL_S:
             self._set_kv_usage()
+
+    def _sample_one(self, seq: _Sequence, row: int, index: int, n_outputs: int) -> int:
+        """One sequence's token, alone: llama.cpp's chain, or its fast path for one row."""
+        if self._fast_sampling and seq.mode is SamplingMode.GREEDY:
+            return self.backend.argmax([row], n_outputs)[0]
+        if self._fast_sampling and seq.mode is SamplingMode.SOFTMAX:
+            assert seq.rng is not None
+            temperature = seq.req.params.temperature
+            return self.backend.softmax_sample([row], n_outputs, [temperature], [seq.rng.random()])[
+                0
+            ]
+        token: int = self.backend.sample(seq.sampler, index)
+        return token
 
     def _sample_together(self, outputs: list[tuple[int, _Sequence]]) -> dict[int, int]:
         """Tokens of the greedy and plain-temperature sequences of this step, each kind in one

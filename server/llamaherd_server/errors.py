@@ -105,6 +105,7 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     """A 400 that names the first bad field (OpenAI answers 400 where FastAPI says 422)."""
     first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    code = "unsupported_field" if first.get("type") == "unsupported" else "invalid_value"
     if first.get("type") == "json_invalid":
         param, message = "body", f"malformed JSON: {first.get('msg')}"
     else:
@@ -112,7 +113,7 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         message = f"{param}: {first.get('msg')}"
         if "input" in first and first.get("type") != "missing":
             message += f" (got {json.dumps(first['input'], default=str)[:80]})"
-    return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
+    return JSONResponse(error_body(message, param=param, code=code), status_code=400)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -325,7 +325,7 @@ class LlamaBackend:
                     p.presence_penalty,
                 ),
             )
-        if p.temperature <= 0:
+        if p.temperature < sampling.GREEDY_BELOW:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
         if p.top_k > 0:

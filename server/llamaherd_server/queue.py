@@ -61,9 +61,11 @@ class PriorityQueue(Generic[T]):
         """Smaller ranks leave first (the heap is a min-heap)."""
         return -(item.priority - item.arrival / self.aging_seconds)
 
-    def put(self, item: T) -> None:
+    def put(self, item: T, *, force: bool = False) -> None:
+        """Queue an item; QueueFull past the limit, unless ``force`` (an item that was taken
+        out to run and is put back keeps its place in line: its rank is by its arrival)."""
         with self._lock:
-            if len(self._live) >= self.limit:
+            if not force and len(self._live) >= self.limit:
                 raise QueueFull(f"queue is full ({self.limit} waiting)")
             number = next(self._counter)
             heapq.heappush(self._heap, (self.rank(item), number, item))

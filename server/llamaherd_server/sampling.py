@@ -14,6 +14,12 @@ together, on a numpy view of llama.cpp's output buffer:
   engine's own per-request generator, so a seed reproduces a request's output as before.
 
 Every other sampler chain (top-k, top-p, min-p, penalties) stays with llama.cpp.
+
+Whatever a client asks for samples without an error: temperatures below :data:`GREEDY_BELOW`
+are greedy (below it float32 logits cannot tell the distribution from the argmax, and
+``logits / T`` overflows), and rows whose logits hold NaN or infinities fall back to the argmax
+of their finite values. Seeds follow llama.cpp: reduced to 32 bits, and the all-ones value
+(what ``-1`` becomes) means "random".
 """
 
 from __future__ import annotations
@@ -23,6 +29,29 @@ from collections.abc import Sequence
 import numpy as np
 
 BLOCK = 256
+# Temperatures below this sample greedily (every path: here and llama.cpp's chains).
+GREEDY_BELOW = 1e-5
+# llama.cpp's LLAMA_DEFAULT_SEED: a seed of -1 (or 2**32 - 1) asks for a random one.
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def request_seed(seed: int | None) -> int | None:
+    """A request's seed as the 32-bit value that both sampling paths draw with, or None for
+    a random one: any integer is reduced modulo 2**32 (so -1 is 0xFFFFFFFF, as in llama.cpp,
+    and means random, as does no seed)."""
+    if seed is None:
+        return None
+    reduced = seed & 0xFFFFFFFF
+    return None if reduced == RANDOM_SEED else reduced
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite_argmax(row: np.ndarray) -> int:
+    """The argmax of a row's finite values (+inf counts as the largest); 0 when none is."""
+    clean = np.nan_to_num(row, nan=-np.inf, posinf=_FLOAT32_MAX, neginf=-np.inf)
+    return int(clean.argmax())
 
 
 def argmax_rows(logits: np.ndarray, rows: Sequence[int]) -> list[int]:
@@ -42,15 +71,25 @@ def softmax_sample_rows(
     uniform number in [0, 1) given for that row (inverse CDF: the first token whose cumulative
     probability exceeds it)."""
     n_vocab = logits.shape[1]
-    scaled = logits[list(rows)]  # a copy: the buffer is llama.cpp's
-    scaled -= scaled.max(axis=1, keepdims=True)
-    scaled *= (1.0 / np.asarray(temperatures, dtype=np.float32))[:, None]
-    np.exp(scaled, out=scaled)
-    starts = np.arange(0, n_vocab, BLOCK)
-    block_sums = np.add.reduceat(scaled, starts, axis=1, dtype=np.float64)
+    # Overflow to inf and NaN rows are expected and handled below: no warnings for them.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scaled = logits[list(rows)]  # a copy: the buffer is llama.cpp's
+        scaled -= scaled.max(axis=1, keepdims=True)
+        # 1/T in float64, capped at float32's largest: a tiny T must not make the row's maximum
+        # (0 after the shift) 0 * inf = NaN. Callers send T >= GREEDY_BELOW; this holds for any T.
+        inverse = np.minimum(1.0 / np.asarray(temperatures, dtype=np.float64), _FLOAT32_MAX)
+        scaled *= inverse.astype(np.float32)[:, None]
+        np.exp(scaled, out=scaled)
+        starts = np.arange(0, n_vocab, BLOCK)
+        block_sums = np.add.reduceat(scaled, starts, axis=1, dtype=np.float64)
     block_cum = np.cumsum(block_sums, axis=1)
+    totals = block_cum[:, -1]
     tokens: list[int] = []
     for i, u in enumerate(uniforms):
+        if not (np.isfinite(totals[i]) and totals[i] > 0):
+            # NaN or infinite logits (a broken model or kernel): no distribution to draw from.
+            tokens.append(finite_argmax(logits[rows[i]]))
+            continue
         cum = block_cum[i]
         target = float(u) * cum[-1]
         block = min(int(np.searchsorted(cum, target, side="right")), len(cum) - 1)

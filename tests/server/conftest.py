@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from llamaherd_server.api import create_app
 from llamaherd_server.engine import (
     Engine,
     Failed,
@@ -21,6 +23,7 @@ from llamaherd_server.engine import (
     TextChunk,
 )
 from llamaherd_server.metrics import ServerMetrics
+from llamaherd_server.settings import ServerSettings
 
 pytestmark = pytest.mark.server
 
@@ -107,3 +110,27 @@ def make_engine() -> Iterator[Any]:
     yield make
     for engine in engines:
         engine.close()
+
+
+@pytest.fixture
+async def make_client(tiny_model: Path) -> AsyncIterator[Any]:
+    stack: list[Any] = []
+
+    async def make(model: Path = tiny_model, **overrides: Any) -> httpx.AsyncClient:
+        settings = ServerSettings(
+            model=model, threads=1, slots=4, context_size=256, max_body_bytes=16_384, **overrides
+        )
+        app = create_app(settings, load_in_background=False)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://llamaherd.test", timeout=60
+        )
+        stack.append((lifespan, client))
+        client.app = app  # type: ignore[attr-defined]
+        return client
+
+    yield make
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)

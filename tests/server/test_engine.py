@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from llamaherd_server.engine import EngineFailed, Failed, Finished, QueueFull, TextChunk
+from llamaherd_server.engine import (
+    EngineFailed,
+    Failed,
+    Finished,
+    QueueFull,
+    SamplingParams,
+    TextChunk,
+)
 
 from ..conftest import wait_for
 
@@ -279,23 +286,30 @@ def test_an_exception_in_the_scheduler_loop_fails_every_request(
         h.submit(PROMPTS[2], max_tokens=2)
 
 
-def test_an_exception_at_admission_fails_the_request(
+def test_an_exception_at_admission_fails_that_request_alone(
     make_engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     h = make_engine(tiny_model, slots=2, max_wait_ms=0)
+    real = h.engine._make_sampler
 
-    def boom(params: object) -> None:
-        raise ValueError("sampler set-up exploded")
+    def boom(params: SamplingParams) -> object:
+        if params.max_tokens == 5:
+            raise ValueError("sampler set-up exploded")
+        return real(params)
 
     monkeypatch.setattr(h.engine, "_make_sampler", boom)
+    bystander = h.submit(PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True)
     tracked = h.submit(PROMPTS[0], max_tokens=5)
     result = tracked.result
     assert isinstance(result, Failed) and result.outcome == "error"
-    assert "engine failed: ValueError: sampler set-up exploded" in result.message
-    assert "sampler set-up exploded" in (h.engine.unhealthy_reason() or "")
-    # The traceback is logged.
+    assert "ValueError: sampler set-up exploded" in result.message
+    assert h.engine.unhealthy_reason() is None
+    # The traceback is logged, with the request's id.
     logged = [r for r in caplog.records if r.name == "llamaherd.engine" and r.exc_info]
-    assert logged and "sampler set-up exploded" in logged[0].getMessage()
+    assert logged and tracked.req.id in logged[0].getMessage()
+    assert isinstance(bystander.result, Finished) and bystander.tokens == 40
+    assert isinstance(h.submit(PROMPTS[2], max_tokens=3).result, Finished)
+    assert h.engine.kv.cells(running_only=True) == 0
 
 
 def test_the_watchdog_reports_a_stalled_engine(

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llamaherd_server.sampling import BLOCK, argmax_rows, softmax_sample_rows
+from llamaherd_server.sampling import (
+    BLOCK,
+    RANDOM_SEED,
+    argmax_rows,
+    finite_argmax,
+    request_seed,
+    softmax_sample_rows,
+)
 
 
 def reference(row: np.ndarray, temperature: float, u: float) -> tuple[int, np.ndarray]:
@@ -64,3 +71,66 @@ def test_a_low_temperature_is_nearly_greedy_and_the_input_is_left_alone() -> Non
     got = softmax_sample_rows(logits, [0, 1, 2], [1e-4] * 3, [0.0, 0.5, 0.999999])
     assert got == logits.argmax(axis=1).tolist()
     assert np.array_equal(logits, before), "llama.cpp's buffer must not be written"
+
+
+# ---- whatever a client sends samples without an error -------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e-30, 1e-6])
+def test_any_positive_temperature_samples_a_token_of_the_row(temperature: float) -> None:
+    """1/T overflowed float32 and made the row's maximum 0 * inf = NaN (issue 20)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 1000)).astype(np.float32)
+    got = softmax_sample_rows(logits, [0, 1, 2], [temperature] * 3, [0.3, 0.6, 0.999])
+    assert got == logits.argmax(axis=1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({3: np.nan}, None),
+        ({5: np.inf}, 5),
+        ({7: -np.inf}, None),
+        ({i: np.nan for i in range(600)}, None),
+        ({i: np.nan for i in range(1000)}, 0),
+    ],
+)
+def test_nan_and_infinite_logits_fall_back_to_the_finite_argmax(
+    bad: dict[int, float], expected: int | None
+) -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 1000)).astype(np.float32)
+    for i, v in bad.items():
+        logits[1, i] = v
+    clean = np.where(np.isfinite(logits[1]), logits[1], -np.inf)
+    want = int(clean.argmax()) if expected is None else expected
+    got = softmax_sample_rows(logits, [0, 1], [0.8, 0.8], [0.5, 0.5])
+    assert 0 <= got[0] < 1000
+    if not np.isnan(logits[1]).any() and not np.isposinf(logits[1]).any():
+        return  # -inf is a valid logit (probability 0): a real draw
+    assert got[1] == want
+    assert finite_argmax(logits[1]) == want
+
+
+@pytest.mark.parametrize(
+    ("seed", "expected"),
+    [
+        (None, None),
+        (-1, None),
+        (2**32 - 1, None),
+        (2**64 - 1, None),
+        (0, 0),
+        (7, 7),
+        (7 + 2**32, 7),
+        (-5, 2**32 - 5),
+        (2**63 - 1, None),  # its low 32 bits are all set
+        (2**63 - 2, 2**32 - 2),
+        (-(2**63), 0),
+    ],
+)
+def test_seeds_reduce_to_32_bits_and_all_ones_means_random(
+    seed: int | None, expected: int | None
+) -> None:
+    reduced = request_seed(seed)
+    assert reduced == expected
+    assert reduced is None or 0 <= reduced < RANDOM_SEED
