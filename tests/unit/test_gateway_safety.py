@@ -732,6 +732,22 @@ async def test_a_fault_of_the_gateways_own_is_a_json_500(
     assert metric(gateway, "llamaherd_gateway_requests_total", outcome="error") == 1
 
 
+def test_void_claims_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from llamaherd_gateway import watch
+
+    reg = Registry()
+    watcher = watch.Watcher(None, reg, [])  # type: ignore[arg-type]
+    reg.upsert_service(isvc("team-a", "llama", "2024-01-01T00:00:00Z"))
+    reg.upsert_service(isvc("team-b", "other", servedModelNames=["llama", "x\ny"]))
+    reg.upsert_service(isvc("team-a", "x\ny", "2024-01-01T00:00:00Z"))
+    with caplog.at_level(logging.WARNING, logger="llamaherd_gateway.watch"):
+        watcher._report_claims()
+        watcher._report_claims()  # nothing new: nothing logged
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "team-b/other" in message and "llama" in message and "\n" not in message
+
+
 # ---- readiness follows the watches ----------------------------------------------------------
 
 
