@@ -1,7 +1,8 @@
 """Scenario 11: chaos under load through the gateway. Only the requests that the chaos touches
 may fail: a replica force-deleted mid-stream fails the streams it was running and no others,
-and the gateway stops picking it at once; a restarted gateway fails at most the requests in
-flight while it was away; poison requests fail (if at all) alone and crash nothing.
+and the gateway stops picking it at once; a deleted gateway fails at most the requests sent
+while no gateway was ready and, when force-deleted, those in flight on it; poison requests are
+answered and nothing else notices them.
 
 How a request is attributed to a replica: the load streams its chat completions and records the
 response id from the first chunk (``chatcmpl-<request id>``), and every server logs one line per
@@ -49,8 +50,8 @@ pytestmark = pytest.mark.e2e
 
 # Streams long enough to outlive a force-deleted pod (it runs on for ~3 s: the kubelet's
 # shortest grace) on the small model: about 5-10 s each on a 2-core node.
-LONG_STREAMS = {"slots": 2, "threads": 1, "contextSize": 1536}
-LONG_STREAM_TOKENS = 1000
+LONG_STREAMS = {"slots": 2, "threads": 1, "contextSize": 1024}
+LONG_STREAM_TOKENS = 400
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -107,6 +108,13 @@ def health(kube: Kube, pod: Obj) -> str | None:
     except (KubeError, ValueError, OSError) as exc:
         return f"{type(exc).__name__}: {str(exc)[-300:]}"
     return None if body.get("status") == "healthy" else json.dumps(body)[:300]
+
+
+def gateway_failed(pick: dict[str, Any]) -> bool:
+    """A request the gateway saw fail. Not "cancelled": the client went away first, which the
+    openai client does as soon as it reads a stream's ``[DONE]``, sometimes before the gateway
+    has relayed the end of the body (the client has its whole answer)."""
+    return pick["outcome"] not in ("ok", "cancelled")
 
 
 def ok_started_after(load: LoadPod, moment: float) -> int:
@@ -231,8 +239,8 @@ def test_replica_killed_mid_stream_fails_only_its_own_requests(
     picks = [r for r in gateway_requests(kube) if r.get("service") == f"{namespace}/{name}"]
     assert picks, "the gateway logged no request of this service (gateway.logFormat json?)"
     on_victim = [r for r in picks if r["address"] == victim_ip]
-    failed_elsewhere = [r for r in picks if r["address"] != victim_ip and r["outcome"] != "ok"]
-    failed_on_victim = [r for r in on_victim if r["outcome"] != "ok"]
+    failed_elsewhere = [r for r in picks if r["address"] != victim_ip and gateway_failed(r)]
+    failed_on_victim = [r for r in on_victim if gateway_failed(r)]
     picked_after_drop = [r for r in on_victim if r["start"] > dropped_at]
     victim_in_flight = [r for r in on_victim if r["start"] <= dropped_at and r["end"] >= killed_at]
 
@@ -264,8 +272,8 @@ def test_replica_killed_mid_stream_fails_only_its_own_requests(
     assert not failed_after_drop, (
         f"requests started after the gateway dropped the replica failed: {short(failed_after_drop)}"
     )
-    assert len(failed) == len(failed_on_victim), (
-        f"{len(failed)} client failures but {len(failed_on_victim)} failed picks on the "
+    assert len(failed) <= len(failed_on_victim), (
+        f"{len(failed)} client failures but only {len(failed_on_victim)} failed picks on the "
         f"victim: {short(failed)} / {short(failed_on_victim)}"
     )
     assert len(failed) <= len(victim_in_flight), (
@@ -418,14 +426,84 @@ def test_poison_requests_fail_alone_and_crash_nothing(
 # -- (b) the gateway restarted -----------------------------------------------------------------
 
 
+def gateway_state(kube: Kube) -> str:
+    return kube.kubectl("get", "pods", "-o", "wide", "-n", RELEASE_NAMESPACE).stdout
+
+
+def restart_gateway(kube: Kube, load: LoadPod, model: str, *, force: bool) -> dict[str, Any]:
+    """Delete the gateway's pods (gracefully, or ``--grace-period=0 --force``) while ``load``
+    runs; return when a new one serves and the old ones are gone, with the moments: the delete,
+    the new pod Ready in the Service's EndpointSlice, its first request (kube-proxy may send to a
+    new endpoint a moment after the slice lists it) and ``serving_from``, the later of those
+    two."""
+    old = wait_gateway_ready(kube)
+    old_uids = {p["metadata"]["uid"] for p in old}
+    killed_at = time.time()
+    for pod in old:
+        if force:
+            kube.kubectl(
+                "delete",
+                "pod",
+                pod["metadata"]["name"],
+                f"--namespace={RELEASE_NAMESPACE}",
+                "--grace-period=0",
+                "--force",
+                "--wait=false",
+            )
+        else:
+            kube.delete("pod", pod["metadata"]["name"], RELEASE_NAMESPACE, wait=False)
+
+    def new_gateway_in_service() -> list[Obj] | None:
+        fresh = [
+            p for p in gateway_pods(kube) if p["metadata"]["uid"] not in old_uids and pod_ready(p)
+        ]
+        addresses = ready_addresses(kube, RELEASE_NAMESPACE, GATEWAY_SERVICE)
+        return [p for p in fresh if p["status"]["podIP"] in addresses] or None
+
+    new = wait_for(
+        new_gateway_in_service,
+        timeout=240,
+        interval=0.5,
+        description="a new gateway pod Ready and in its Service's endpoints",
+        state=lambda: gateway_state(kube),
+    )
+    ready_at = time.time()
+    wait_for(
+        lambda: ok_started_after(load, ready_at) >= 6,
+        timeout=240,
+        interval=1.0,
+        description="6 requests started after the new gateway was ready served",
+        state=lambda: load.output().raw[-2000:],
+    )
+    through_new = [r for r in gateway_requests(kube, new) if r.get("model") == model]
+    assert through_new, "the new gateway logged no request"
+    routed_at = min(r["start"] for r in through_new)
+    # One gateway for what comes next: the old pod finishes its drain (or its kill) and goes.
+    wait_for(
+        lambda: not any(p["metadata"]["uid"] in old_uids for p in gateway_pods(kube)),
+        timeout=180,
+        description="the old gateway pod gone",
+        state=lambda: gateway_state(kube),
+    )
+    return {
+        "force": force,
+        "killed_at": killed_at,
+        "ready_at": ready_at,
+        "routed_at": routed_at,
+        "serving_from": max(ready_at, routed_at),
+    }
+
+
 @pytest.mark.timeout(900)
 def test_gateway_restarted_under_load(
     kube: Kube, operator: Chart, models: Models, namespace: str
 ) -> None:
-    """The gateway pod is deleted while streams flow through it: requests in flight at that
-    moment, and those sent while no gateway was ready, may fail; every request started once
+    """The gateway pod is deleted twice while streams flow through it, first gracefully, then
+    with ``--grace-period=0 --force``. Requests sent while no gateway was ready may fail, and
+    after the forced delete the requests that were in flight on the killed pod; after the
+    graceful one those finish (the preStop sleep, then the drain). Every request started once
     the new gateway is ready and the Service sends to it succeeds."""
-    old = wait_gateway_ready(kube)
+    wait_gateway_ready(kube)
     name = "steady"
     kube.apply(
         inference_service(
@@ -450,73 +528,41 @@ def test_gateway_restarted_under_load(
             stream=True,
             unique_prompts=True,
             concurrency=4,
-            requests=600,
-            duration=300,
+            requests=1000,
+            duration=400,
             max_tokens=128,
             failure_backoff=0.5,
         ),
     ).start()
     load.wait_running()
     load.wait_ok(4)
-
-    old_uids = {p["metadata"]["uid"] for p in old}
-    killed_at = time.time()
-    for pod in old:
-        kube.delete("pod", pod["metadata"]["name"], RELEASE_NAMESPACE, wait=False)
-
-    def new_gateway_in_service() -> list[Obj] | None:
-        fresh = [
-            p for p in gateway_pods(kube) if p["metadata"]["uid"] not in old_uids and pod_ready(p)
-        ]
-        addresses = ready_addresses(kube, RELEASE_NAMESPACE, GATEWAY_SERVICE)
-        return [p for p in fresh if p["status"]["podIP"] in addresses] or None
-
-    new = wait_for(
-        new_gateway_in_service,
-        timeout=240,
-        interval=0.5,
-        description="a new gateway pod Ready and in its Service's endpoints",
-        state=lambda: kube.kubectl("get", "pods", "-o", "wide", "-n", RELEASE_NAMESPACE).stdout,
-    )
-    ready_at = time.time()
-    wait_for(
-        lambda: ok_started_after(load, ready_at) >= 8,
-        timeout=240,
-        interval=1.0,
-        description="8 requests started after the new gateway was ready served",
-        state=lambda: load.output().raw[-2000:],
-    )
+    rounds = [restart_gateway(kube, load, name, force=force) for force in (False, True)]
     load.stop()
     result = load.wait_done(timeout=300)
 
-    # The Service delivers to the new gateway from its first request on (kube-proxy may
-    # program the new endpoint a moment after the EndpointSlice lists it).
-    through_new = [r for r in gateway_requests(kube, new) if r.get("model") == name]
-    assert through_new, "the new gateway logged no request"
-    routed_at = min(r["start"] for r in through_new)
-    serving_from = max(ready_at, routed_at)
+    def in_flight(r: dict[str, Any], k: dict[str, Any]) -> bool:
+        return bool(r["started_at"] < k["killed_at"] < r["time"])
 
-    failed = result.failed
-    in_flight = [r for r in result.requests if r["started_at"] < killed_at < r["time"]]
-    in_flight_failed = [r for r in failed if r["started_at"] < killed_at]
-    gap_failed = [r for r in failed if killed_at <= r["started_at"] <= serving_from]
-    late_failed = [r for r in failed if r["started_at"] > serving_from]
-    print(
-        f"\n[e2e] gateway deleted: the new one Ready and in the Service after "
-        f"{ready_at - killed_at:.1f}s, its first request {routed_at - killed_at:.1f}s after the "
-        f"delete; in flight at the delete: {len(in_flight)} requests ({len(in_flight_failed)} "
-        f"failed); failed while no gateway was ready: {len(gap_failed)}; client: "
-        f"{result.summary}"
-    )
-    assert not late_failed, (
-        f"requests started after the new gateway was ready failed: {short(late_failed)}"
+    def in_gap(r: dict[str, Any], k: dict[str, Any]) -> bool:
+        return bool(k["killed_at"] <= r["started_at"] <= k["serving_from"])
+
+    unexplained = []
+    for r in result.failed:
+        if not any(in_gap(r, k) or (k["force"] and in_flight(r, k)) for k in rounds):
+            unexplained.append(r)
+    lines = []
+    for k in rounds:
+        flying = [r for r in result.requests if in_flight(r, k)]
+        lines.append(
+            f"{'forced' if k['force'] else 'graceful'} delete: the new gateway Ready and in the "
+            f"Service after {k['ready_at'] - k['killed_at']:.1f}s, its first request after "
+            f"{k['routed_at'] - k['killed_at']:.1f}s; in flight then: {len(flying)} "
+            f"({sum(1 for r in flying if not r['ok'])} failed); failed while no gateway was "
+            f"ready: {sum(1 for r in result.failed if in_gap(r, k) and not in_flight(r, k))}"
+        )
+    print(f"\n[e2e] gateway restarts under load: {'; '.join(lines)}; client: {result.summary}")
+    assert not unexplained, (
+        "requests failed that were neither sent while no gateway was ready nor in flight on a "
+        f"force-deleted gateway (after a graceful delete they drain): {short(unexplained)}"
     )
     assert_all_complete(result)
-
-    # Leave one gateway for what runs next: the old pod finishes its drain and goes.
-    wait_for(
-        lambda: not any(p["metadata"]["uid"] in old_uids for p in gateway_pods(kube)),
-        timeout=180,
-        description="the old gateway pod gone",
-        state=lambda: kube.kubectl("get", "pods", "-o", "wide", "-n", RELEASE_NAMESPACE).stdout,
-    )
