@@ -49,7 +49,7 @@ from e2e.test_10_gateway import gateway_get
 pytestmark = pytest.mark.e2e
 
 # Streams long enough to outlive a force-deleted pod (it runs on for ~3 s: the kubelet's
-# shortest grace) on the small model: about 5-10 s each on a 2-core node.
+# shortest grace) on the small model: about 10 s each on a 2-core node (p50 11-12 s on kind).
 LONG_STREAMS = {"slots": 2, "threads": 1, "contextSize": 1024}
 LONG_STREAM_TOKENS = 400
 
