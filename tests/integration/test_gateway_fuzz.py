@@ -44,7 +44,7 @@ from tests.integration.test_gateway import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.server, pytest.mark.slow]
 
-EXAMPLES = int(os.environ.get("LLAMAHERD_GATEWAY_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("LLAMAHERD_FUZZ_EXAMPLES", "40"))
 MAX_BODY = 64 * 1024
 KEY, VIP_KEY = "fuzz-key", "vip-key"
 # Outcomes of the gateway's own making that are 5xx: none may happen on a healthy replica.
