@@ -11,7 +11,7 @@ input:
 - every error is OpenAI-shaped JSON (``{"error": {"message": ..., "type": ...}}``);
 - the gateway stays ready; and at the end every victim stream finished whole.
 
-Fixed seed (``derandomize``), bounded: ``LLAMAHERD_GATEWAY_FUZZ_EXAMPLES`` examples (40).
+Fixed seed (``derandomize``), bounded: ``LLAMAHERD_FUZZ_EXAMPLES`` examples (40).
 """
 
 from __future__ import annotations
