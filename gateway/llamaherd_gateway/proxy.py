@@ -190,6 +190,15 @@ class Outcome:
     retries: int = 0
     hold_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    # The client has had the whole answer: an SSE stream's closing ``data: [DONE]`` went out.
+    # A client that hangs up after it (the openai client does, before the body's end) left
+    # nothing unfinished: the request counts as ok, not cancelled.
+    answered: bool = False
+
+
+def ends_stream(tail: bytes) -> bool:
+    """Whether relayed bytes end with the SSE event that closes an OpenAI stream."""
+    return tail.rstrip().endswith(b"data: [DONE]")
 
 
 class Gateway:
@@ -350,17 +359,17 @@ class Gateway:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the client went away: stop, and close the upstream request
                 task.cancel()
-                outcome.outcome = "cancelled"
+                outcome.outcome = "ok" if outcome.answered else "cancelled"
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if task.cancelled():  # also when the client left while sending the body
-                outcome.outcome = "cancelled"
+                outcome.outcome = "ok" if outcome.answered else "cancelled"
         except GatewayError as err:
             outcome.status, outcome.outcome = err.status, err.outcome
             if not started_response:
                 await _send(send, err.status, err.body(), extra=err.headers())
         except OSError:  # the client's socket broke while we wrote to it
-            outcome.outcome = "cancelled"
+            outcome.outcome = "ok" if outcome.answered else "cancelled"
         except Exception:  # a fault of the gateway's own: this request fails alone, in JSON
             log.exception("request failed in the gateway")
             outcome.status, outcome.outcome = 500, "error"
@@ -661,10 +670,12 @@ class Gateway:
                 try:
                     async for chunk in response.content.iter_any():
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        o.answered = ends_stream(chunk[-32:])
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # Started: never retried. The response is left unfinished, so the client's
-                    # connection closes without the end of the body and it sees the break.
-                    o.outcome = "upstream_broken"
+                    # connection closes without the end of the body and it sees the break
+                    # (unless it already has the whole answer: then only the end is missing).
+                    o.outcome = "ok" if o.answered else "upstream_broken"
                     self._failed(endpoint, service, "broke mid-response")
                     log.warning(
                         "replica %s:%s broke mid-response: %r", endpoint.address, endpoint.port, exc

@@ -37,6 +37,7 @@ from llamaherd_gateway.proxy import (
     UNSTARTED,
     Gateway,
     RequestBody,
+    ends_stream,
     failure_kind,
     upstream_session,
 )
@@ -809,3 +810,85 @@ async def test_ready_turns_false_when_a_watch_fails_and_back(
         assert watcher.ready and api.lists == 4
     finally:
         await watcher.stop()
+
+
+# ---- a client that hangs up after the whole answer -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tail", "answered"),
+    [
+        (b'data: {"choices": []}\n\ndata: [DONE]\n\n', True),
+        (b"data: [DONE]", True),
+        (b'data: {"choices": [{"text": "data: [DONE]"}]}\n\n', False),
+        (b'data: {"x": 1}\n\n', False),
+        (b"", False),
+    ],
+)
+def test_a_stream_counts_as_answered_once_its_done_event_went_out(
+    tail: bytes, answered: bool
+) -> None:
+    assert ends_stream(tail) is answered
+
+
+async def leave_after_the_first_event(gateway: Gateway, body: dict[str, Any]) -> None:
+    """A client that reads one piece of the response body and hangs up."""
+    raw = json.dumps(body).encode()
+    got_event = asyncio.Event()
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await got_event.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            got_event.set()
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+    await gateway(scope, receive, send)
+
+
+async def test_a_client_that_leaves_right_after_done_is_ok_not_cancelled(
+    make_gateway: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The openai client closes its connection on ``[DONE]``, before the body's end: the
+    request counts as ok. One that leaves before it is cancelled. (The gateway is driven as an
+    ASGI app here: httpx's ASGI transport cannot leave half way.)"""
+    release = asyncio.Event()
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        done = b"stay" not in await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        event = b'data: {"choices": []}\n\n' + (b"data: [DONE]\n\n" if done else b"")
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await release.wait()  # the end of the body does not come while the client is there
+        writer.close()
+
+    server = await asyncio.start_server(replica, "127.0.0.1", 0)
+    try:
+        gateway, reg, _ = await make_gateway(outlier_consecutive_failures=0)
+        add_service(reg, "m", [server.sockets[0].getsockname()[1]])
+        for prompt, outcome in (("bye", "ok"), ("stay", "cancelled")):
+            body = {"model": "m", "prompt": prompt, "stream": True}
+            await asyncio.wait_for(leave_after_the_first_event(gateway, body), 10)
+            assert metric(gateway, "llamaherd_gateway_requests_total", outcome=outcome) == 1
+        release.set()
+    finally:
+        server.close()
