@@ -198,26 +198,37 @@ temperatures = st.one_of(
     st.sampled_from([0.0, 5e-324, 1e-300, 1e-40, 1e-6, 1e-5, 2.0]),
     st.floats(0.0, 2.0, allow_nan=False),
 )
-sampling = st.fixed_dictionaries(
-    {},
-    optional={
-        "temperature": temperatures,
-        "top_p": st.one_of(st.sampled_from([1e-9, 1.0]), st.floats(1e-9, 1.0)),
-        "top_k": st.one_of(st.sampled_from([0, 1, 10**9]), st.integers(0, 100)),
-        "min_p": st.floats(0.0, 1.0),
-        "repeat_penalty": st.one_of(st.sampled_from([1e-9, 10.0]), st.floats(1e-9, 10.0)),
-        "presence_penalty": st.floats(-2.0, 2.0),
-        "frequency_penalty": st.floats(-2.0, 2.0),
-        "seed": st.one_of(
-            st.sampled_from([-1, -5, 0, 2**32 - 1, 2**32, 2**63 - 1, -(2**63), 2**64 - 1]),
-            st.integers(-(2**63), 2**64 - 1),
-        ),
-        "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(texts, max_size=4)),
-        "ignore_eos": st.booleans(),
-        "priority": st.one_of(st.integers(0, 9), st.sampled_from(["low", "high", "critical"])),
-        "max_tokens": st.integers(1, 48),
-        "stream": st.booleans(),
-    },
+seeds = st.one_of(
+    st.sampled_from([-1, -5, 0, 2**32 - 1, 2**32, 2**63 - 1, -(2**63), 2**64 - 1]),
+    st.integers(-(2**63), 2**64 - 1),
+)
+# Fields that every request may carry, whichever sampler it asks for.
+common = {
+    "seed": seeds,
+    "stop": st.one_of(st.text(min_size=1, max_size=3), st.lists(texts, max_size=4)),
+    "ignore_eos": st.booleans(),
+    "priority": st.one_of(st.integers(0, 9), st.sampled_from(["low", "high", "critical"])),
+    "max_tokens": st.integers(1, 48),
+    "stream": st.booleans(),
+}
+# One sampler path in three each: greedy, plain temperature sampling (the API's default; the
+# engine samples it itself) and llama.cpp's chains (any of the other fields).
+sampling = st.one_of(
+    st.fixed_dictionaries({"temperature": st.just(0.0)}, optional=common),
+    st.fixed_dictionaries({"temperature": temperatures}, optional=common),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            **common,
+            "temperature": temperatures,
+            "top_p": st.one_of(st.sampled_from([1e-9, 1.0]), st.floats(1e-9, 1.0)),
+            "top_k": st.one_of(st.sampled_from([0, 1, 10**9]), st.integers(0, 100)),
+            "min_p": st.floats(0.0, 1.0),
+            "repeat_penalty": st.one_of(st.sampled_from([1e-9, 10.0]), st.floats(1e-9, 10.0)),
+            "presence_penalty": st.floats(-2.0, 2.0),
+            "frequency_penalty": st.floats(-2.0, 2.0),
+        },
+    ),
 )
 token_prompts = st.lists(st.integers(0, 511), min_size=1, max_size=64)
 chat_messages = st.lists(
