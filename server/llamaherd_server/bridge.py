@@ -123,6 +123,8 @@ class Generation:
         self.logged = False
         self.lost_after_s = timeout_s + LOST_GRACE_S if lost_after_s is None else lost_after_s
         self._lost_timer: asyncio.TimerHandle | None = None
+        # An event that admitted() took from the queue for the stream to start with.
+        self._held: TextChunk | Finished | Failed | Admitted | None = None
         self.req = GenerationRequest(
             prompt_tokens=prompt_tokens,
             params=params,
@@ -180,7 +182,8 @@ class Generation:
         """Events until Finished or Failed. Leaving early cancels the request."""
         try:
             while True:
-                event = await self.events.get()
+                event = self._held if self._held is not None else await self.events.get()
+                self._held = None
                 if isinstance(event, TextChunk):
                     self.generated += event.n_tokens
                 elif isinstance(event, Admitted):
@@ -216,9 +219,10 @@ class Generation:
                     self._ended()
                     self.log(event.outcome)
                     raise failed_error(event)
-                # Nothing else comes before admission; keep it for the stream all the same.
-                self.events.put_nowait(event)
-                await asyncio.sleep(0)
+                # Any other event means it runs (none comes before admission): the stream
+                # starts with it.
+                self._held = event
+                return
 
         await self._unless_disconnected(first(), receive)
 
