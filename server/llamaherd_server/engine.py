@@ -573,12 +573,7 @@ class Engine:
         log.critical("%s; failing every request", self.failure, exc_info=exc)
         self.metrics.ready.set(0)
         message = f"{self.failure}; the server must be restarted"
-        for seq in list(self._running.values()):
-            try:
-                self._release(seq, keep=False)
-            except Exception:  # a dead engine still answers every request
-                self._running.pop(seq.seq_id, None)
-                self._set_kv_usage()
+        for seq in self._release_all():
             self._finish_failed(seq.req, "error", message, seq.generated)
         while (req := self.queue.pop()) is not None:
             self._finish_failed(req, "error", message, 0)
@@ -628,11 +623,7 @@ class Engine:
         log.error("engine step failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         message = f"internal engine error: {type(exc).__name__}: {exc}"
         retry: list[GenerationRequest] = []
-        for seq in list(self._running.values()):
-            try:
-                self._release(seq, keep=False)
-            except Exception:
-                self._running.pop(seq.seq_id, None)
+        for seq in self._release_all():
             req = seq.req
             if seq.ttft is None and not req.retried and not req.cancelled:
                 req.retried = True
@@ -647,6 +638,18 @@ class Engine:
                 self.queue.put(req, force=True)
             except Exception:
                 self._finish_failed(req, "error", message, 0)
+
+    def _release_all(self) -> list[_Sequence]:
+        """Free every running sequence's slot and drop its KV (a failed step, a dead engine),
+        even where freeing one fails: the sequences, for their requests to be answered."""
+        sequences = list(self._running.values())
+        for seq in sequences:
+            try:
+                self._release(seq, keep=False)
+            except Exception:  # the slot is gone either way; every request is still answered
+                self._running.pop(seq.seq_id, None)
+                self._set_kv_usage()
+        return sequences
 
     def _fail_everything(self, message: str) -> None:
         for seq in list(self._running.values()):
