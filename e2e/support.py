@@ -7,7 +7,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -357,16 +357,21 @@ class LoadResult:
         return [r for r in self.requests if not r.get("ok")]
 
 
-def parse_load_output(text: str) -> LoadResult:
-    result = LoadResult(raw=text)
+def json_lines(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects among a log's lines (other lines skipped)."""
     for line in text.splitlines():
         line = line.strip()
         if not line.startswith("{"):
             continue
         try:
-            item = json.loads(line)
+            yield json.loads(line)
         except ValueError:
             continue
+
+
+def parse_load_output(text: str) -> LoadResult:
+    result = LoadResult(raw=text)
+    for item in json_lines(text):
         event = item.get("event")
         if event == "request":
             result.requests.append(item)
@@ -660,13 +665,7 @@ def gateway_requests(kube: Kube, pods: list[Obj] | None = None) -> list[dict[str
     for pod in gateway_pods(kube) if pods is None else pods:
         name = pod["metadata"]["name"]
         text = kube.logs(name, RELEASE_NAMESPACE, GATEWAY_CONTAINER)
-        for line in text.splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
+        for item in json_lines(text):
             if item.get("logger") != "llamaherd_gateway.requests" or "outcome" not in item:
                 continue
             end = wall_time(str(item["ts"]))
