@@ -211,9 +211,28 @@ llama_cpp_python_version() {
     sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml
 }
 
+# The llama-cpp-python wheel compiled once for the host's .venv and this image (hack/llama-wheel.sh
+# builds it if setup has not), handed to Dockerfile.server through hack/image-wheels/.
+stage_llama_wheel() {
+    local dir host
+    rm -f hack/image-wheels/*.whl
+    # The wheel links against this host's glibc and libstdc++: only the same Debian release as
+    # the image's base may hand it over.
+    host=$(. /etc/os-release 2>/dev/null && echo "${ID:-}-${VERSION_CODENAME:-}")
+    if [ "$host" != "debian-$SUITE" ]; then
+        log "host is ${host:-unknown}, the image's base debian-$SUITE: the image compiles its own llama-cpp-python"
+        return
+    fi
+    dir=$(env -u CMAKE_ARGS bash hack/llama-wheel.sh | tail -n 1) \
+        || fail "could not build the llama-cpp-python wheel (output above)"
+    cp "$dir"/llama_cpp_python-*.whl hack/image-wheels/
+    log "llama-cpp-python wheel from $dir (not compiled again in the image)"
+}
+
 build_server() {
     step "server image $SERVER_IMAGE (CPU variant)"
     local start=$SECONDS
+    stage_llama_wheel
     build -f Dockerfile.server -t "$SERVER_IMAGE" \
         --build-arg VARIANT=cpu \
         --build-arg BUILDER_IMAGE="$BASE_IMAGE" \

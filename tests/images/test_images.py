@@ -304,6 +304,21 @@ def test_cuda_is_the_default_variant() -> None:
     assert pin and defaults["LLAMA_CPP_PYTHON_VERSION"] == pin.group(1)
 
 
+def test_host_wheel_has_the_cpu_image_flags() -> None:
+    """hack/llama-wheel.sh compiles the host's wheel with the CPU image's flags, so that the image
+    build may install it instead of compiling again; the two must not drift apart."""
+    script = (REPO / "hack" / "llama-wheel.sh").read_text()
+    flags = re.search(r'^IMAGE_CPU_CMAKE_ARGS="([^"]*)"', script, re.MULTILINE)
+    text = (REPO / "Dockerfile.server").read_text()
+    cpu_stage = text.split("AS builder-cpu", 1)[1].split("FROM ", 1)[0]
+    env = re.search(r'ENV LLAMA_CMAKE_ARGS="([^"]*)"', cpu_stage)
+    assert flags and env, "IMAGE_CPU_CMAKE_ARGS or the builder-cpu stage's LLAMA_CMAKE_ARGS is gone"
+    assert flags.group(1) == env.group(1)
+    # The image takes the host's wheel only for the CPU variant with no extra flags.
+    builder = text.split("AS builder\n", 1)[1].split("FROM ", 1)[0]
+    assert '[ "$VARIANT" = cpu ] && [ -z "$LLAMA_CMAKE_EXTRA_ARGS" ]' in builder
+
+
 def test_cuda_variant_parses_with_buildkit(docker_engine: None) -> None:
     """BuildKit parses every stage; builder-cuda is cheap on the cached local base."""
     result = subprocess.run(
