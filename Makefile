@@ -6,7 +6,7 @@ MODEL ?= models/demo.gguf
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-deps binaries model run test test-unit fuzz lint simulate clean
+.PHONY: help setup build-all system-deps binaries model run test test-unit fuzz lint simulate clean
 
 help:
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:[^#]*## /\t/' | expand -t 20
@@ -23,7 +23,14 @@ model: setup ## generate the demo GGUF model (random weights, llama architecture
 run: model ## run the server on the demo model at http://127.0.0.1:$(PORT)
 	$(PY) -m llamaherd_server --model $(MODEL) --host 127.0.0.1 --port $(PORT)
 
-test: setup system-deps binaries images kind-image ## set up everything, run every test (e2e on kind last)
+# Setup first (it compiles llama.cpp, once: the server image installs that wheel), then the Go
+# binaries (CPU-bound) and the images (mostly downloads: debootstrap, apt, pip) side by side, their
+# progress lines interleaved ([binaries], [images]); the kind node image needs the binaries.
+build-all: setup ## everything test and demo build: .venv, binaries and images side by side, kind node image
+	$(MAKE) --no-print-directory -j2 binaries images
+	$(MAKE) --no-print-directory kind-image
+
+test: system-deps build-all ## set up everything, run every test (e2e on kind last)
 	set -o pipefail; kubeconfig=$$(bash hack/kind/cluster.sh up | tail -n 1) \
 	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m pytest tests e2e $(PYTEST_ARGS)
 

@@ -14,6 +14,6 @@ e2e: setup binaries ## run the e2e suite on the kind cluster (creates it if need
 	set -o pipefail; kubeconfig=$$(bash hack/kind/cluster.sh up | tail -n 1) \
 	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m pytest e2e -v $(PYTEST_ARGS)
 
-demo: setup binaries ## the main job: kind cluster, chart, an autoscaled service under load (ends by itself)
+demo: build-all ## the main job: kind cluster, chart, an autoscaled service under load (ends by itself)
 	set -o pipefail; kubeconfig=$$(bash hack/kind/cluster.sh up | tail -n 1) \
 	&& LLAMAHERD_E2E_KUBECONFIG=$$kubeconfig $(PY) -m e2e.demo
