@@ -11,12 +11,12 @@ import logging
 import sys
 
 import uvicorn
-from pydantic import ValidationError
 
 from llamaherd_gateway.app import run, running_gateway
 from llamaherd_gateway.proxy import UrlFor
 from llamaherd_gateway.settings import GatewaySettings
 from llamaherd_server.logs import configure_logging
+from llamaherd_server.shared_settings import settings_from_cli
 
 log = logging.getLogger("llamaherd_gateway")
 
@@ -46,15 +46,7 @@ async def serve(settings: GatewaySettings, url_for: UrlFor | None = None) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = GatewaySettings(
-            _cli_parse_args=sys.argv[1:] if argv is None else argv,  # type: ignore[call-arg]
-            _cli_prog_name="llamaherd-gateway",  # type: ignore[call-arg]
-            _cli_kebab_case=True,  # type: ignore[call-arg]
-        )
-    except ValidationError as exc:
-        print(f"llamaherd-gateway: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = settings_from_cli(GatewaySettings, "llamaherd-gateway", argv)
     run(serve(settings), settings.event_loop)
     return 0
 

@@ -10,23 +10,30 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llamaherd_server.shared_settings import (
+    KubeRequestTimeout,
+    ListenHost,
+    LogFormat,
+    LogLevel,
+    WatchServerTimeout,
+    comma_list,
+)
+
 ENV_PREFIX = "LLAMAHERD_GATEWAY_"
 
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
-    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    host: ListenHost = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port to listen on.")
     namespaces: str = Field(
         default="",
         description="Comma-separated namespaces whose InferenceServices the gateway serves; "
         "empty watches the whole cluster.",
     )
-    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Log level."
-    )
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description="Event loop: uvloop when installed (auto), or asyncio's own. uvloop, and "
@@ -178,15 +185,8 @@ class GatewaySettings(BaseSettings):
         "never sends a request on a connection the server is closing.",
     )
     # ---- Kubernetes ----
-    request_timeout_seconds: float = Field(
-        default=30.0, gt=0, le=600, description="Timeout of one Kubernetes API request."
-    )
-    watch_server_timeout_seconds: int = Field(
-        default=300,
-        ge=10,
-        le=3600,
-        description="Server-side timeout of a watch request: watches are renewed this often.",
-    )
+    request_timeout_seconds: KubeRequestTimeout = 30.0
+    watch_server_timeout_seconds: WatchServerTimeout = 300
     resync_interval_seconds: float = Field(
         default=600.0,
         ge=5,
@@ -197,4 +197,4 @@ class GatewaySettings(BaseSettings):
 
     @property
     def namespace_list(self) -> list[str]:
-        return [item.strip() for item in self.namespaces.split(",") if item.strip()]
+        return comma_list(self.namespaces)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llamaherd_operator.builders import DEFAULT_GPU_IMAGE, DEFAULT_IMAGE, BuildOptions
+from llamaherd_server.shared_settings import (
+    KubeRequestTimeout,
+    LogFormat,
+    LogLevel,
+    WatchServerTimeout,
+    comma_list,
+)
 
 ENV_PREFIX = "LLAMAHERD_OPERATOR_"
 
@@ -21,10 +27,8 @@ class OperatorSettings(BaseSettings):
         description="Comma-separated namespaces to watch (LLAMAHERD_OPERATOR_NAMESPACES=a,b); "
         "empty watches the whole cluster.",
     )
-    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Log level."
-    )
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
     liveness_host: str = Field(default="0.0.0.0", description="Address of the liveness endpoint.")
     liveness_port: int = Field(
         default=8080, ge=0, le=65535, description="Port of the liveness endpoint (0 disables it)."
@@ -44,15 +48,8 @@ class OperatorSettings(BaseSettings):
     retry_delay_seconds: float = Field(
         default=5.0, gt=0, le=600, description="Delay before retrying a failed reconcile."
     )
-    request_timeout_seconds: float = Field(
-        default=30.0, gt=0, le=600, description="Timeout of one Kubernetes API request."
-    )
-    watch_server_timeout_seconds: int = Field(
-        default=300,
-        ge=10,
-        le=3600,
-        description="Server-side timeout of a watch request: watches are renewed this often.",
-    )
+    request_timeout_seconds: KubeRequestTimeout = 30.0
+    watch_server_timeout_seconds: WatchServerTimeout = 300
     worker_limit: int = Field(
         default=50, ge=1, le=1000, description="Most InferenceServices handled at the same time."
     )
@@ -146,11 +143,11 @@ class OperatorSettings(BaseSettings):
 
     @property
     def namespace_list(self) -> list[str]:
-        return [item.strip() for item in self.namespaces.split(",") if item.strip()]
+        return comma_list(self.namespaces)
 
     @property
     def allowed_prometheus_url_list(self) -> list[str]:
-        return [item.strip() for item in self.allowed_prometheus_urls.split(",") if item.strip()]
+        return comma_list(self.allowed_prometheus_urls)
 
     @property
     def service_monitor_label_map(self) -> dict[str, str]:

@@ -18,11 +18,9 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import uvicorn
-from pydantic import ValidationError
 
 from .api import create_app
 from .loadfail import (
@@ -32,6 +30,7 @@ from .loadfail import (
     write_termination_message,
 )
 from .settings import ENV_PREFIX, ServerSettings
+from .shared_settings import settings_from_cli
 
 log = logging.getLogger("llamaherd.server")
 
@@ -115,18 +114,11 @@ class Shutdown:
 def main(argv: list[str] | None = None) -> None:
     from .logs import configure_logging
 
-    try:
-        settings = ServerSettings(
-            _cli_parse_args=sys.argv[1:] if argv is None else argv,  # type: ignore[call-arg]
-            _cli_prog_name="llamaherd-server",  # type: ignore[call-arg]
-            _cli_kebab_case=True,  # type: ignore[call-arg]
-        )
-    except ValidationError as exc:
-        print(f"llamaherd-server: invalid settings:\n{exc}", file=sys.stderr)
-        default = "/dev/termination-log"
-        path = os.environ.get(ENV_PREFIX + "TERMINATION_MESSAGE_PATH", default)
-        write_termination_message(Path(path), f"invalid settings: {exc}")
-        raise SystemExit(2) from None
+    def invalid(message: str) -> None:
+        path = os.environ.get(ENV_PREFIX + "TERMINATION_MESSAGE_PATH", "/dev/termination-log")
+        write_termination_message(Path(path), message)
+
+    settings = settings_from_cli(ServerSettings, "llamaherd-server", argv, on_invalid=invalid)
     log_config = configure_logging(settings.log_format, settings.log_level)
 
     def load_failed(message: str) -> None:

@@ -8,12 +8,12 @@ exactly these variables from an InferenceService's ``spec.server`` (camelCase of
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from .cpus import cpu_budget
+from .shared_settings import ListenHost, LogFormat, LogLevel
 
 ENV_PREFIX = "LLAMAHERD_"
 
@@ -31,7 +31,7 @@ class ServerSettings(BaseSettings):
         description="Model id served by /v1/models and accepted in requests "
         "(default: the file name without .gguf).",
     )
-    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    host: ListenHost = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
     slots: int = Field(
         default=8, ge=1, le=256, description="Sequences decoded together (llama.cpp n_seq_max)."
@@ -103,10 +103,8 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long running requests may take to finish before exit.",
     )
-    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Log level."
-    )
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
     api_key: SecretStr | None = Field(
         default=None,
         description="When set, inference endpoints require 'Authorization: Bearer <key>'.",
