@@ -7,6 +7,8 @@ The InferenceService a series is about is in the labels ``target_namespace`` and
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -15,6 +17,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+from llamaherd_server.metrics import ladder_buckets
 
 disable_created_metrics()
 
@@ -55,27 +59,13 @@ OUTCOMES = (
     "error",
 )
 
-HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-)
+# Cut from the server's one bucket table (llamaherd_server.metrics.BUCKET_LADDER).
+HOLD_BUCKETS = ladder_buckets(0.01, 600.0, without=(0.025,))
+LATENCY_BUCKETS = ladder_buckets(0.001, 120.0, without=(20.0,))
 
 SERVICE = ("target_namespace", "inferenceservice")
+
+MetricT = TypeVar("MetricT", Counter, Gauge)
 
 
 class GatewayMetrics:
@@ -88,11 +78,10 @@ class GatewayMetrics:
             ["model", *SERVICE, "outcome"],
             registry=r,
         )
-        self.held = Gauge(
+        self.held = self._per_service(
+            Gauge,
             REQUESTS_HELD,
             "Requests waiting for a ready replica of the service (demand for the autoscaler).",
-            list(SERVICE),
-            registry=r,
         )
         self.hold_time = Histogram(
             HOLD_TIME,
@@ -107,12 +96,11 @@ class GatewayMetrics:
             [*SERVICE, "reason"],
             registry=r,
         )
-        self.retries = Counter(
+        self.retries = self._per_service(
+            Counter,
             RETRIES,
             "Requests sent again to another replica after a connection was refused or reset "
             "before the first response byte.",
-            list(SERVICE),
-            registry=r,
         )
         self.upstream_latency = Histogram(
             UPSTREAM_LATENCY,
@@ -121,45 +109,34 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.outstanding = Gauge(
-            OUTSTANDING,
-            "Requests forwarded to the service's replicas and not yet finished.",
-            list(SERVICE),
-            registry=r,
+        self.outstanding = self._per_service(
+            Gauge, OUTSTANDING, "Requests forwarded to the service's replicas and not yet finished."
         )
-        self.endpoints = Gauge(
-            ENDPOINTS,
-            "Ready endpoints of each InferenceService the gateway routes to.",
-            list(SERVICE),
-            registry=r,
+        self.endpoints = self._per_service(
+            Gauge, ENDPOINTS, "Ready endpoints of each InferenceService the gateway routes to."
         )
-        self.scale_ups = Counter(
-            SCALE_UPS,
-            "Times the gateway raised a service from zero replicas to one.",
-            list(SERVICE),
-            registry=r,
+        self.scale_ups = self._per_service(
+            Counter, SCALE_UPS, "Times the gateway raised a service from zero replicas to one."
         )
-
-        self.ejections = Counter(
+        self.ejections = self._per_service(
+            Counter,
             EJECTIONS,
             "Times a replica of the service was ejected from picking by outlier detection "
             "(consecutive refused or broken connections, or 5xx answers).",
-            list(SERVICE),
-            registry=r,
         )
-        self.ejected = Gauge(
-            EJECTED,
-            "Ready endpoints of the service ejected from picking now.",
-            list(SERVICE),
-            registry=r,
+        self.ejected = self._per_service(
+            Gauge, EJECTED, "Ready endpoints of the service ejected from picking now."
         )
-        self.ignored_claims = Gauge(
+        self.ignored_claims = self._per_service(
+            Gauge,
             IGNORED_CLAIMS,
             "Model names the service claims (its name, servedModelNames) that another "
             "namespace owns: not routed to it.",
-            list(SERVICE),
-            registry=r,
         )
+
+    def _per_service(self, kind: type[MetricT], name: str, documentation: str) -> MetricT:
+        """A gauge or counter labelled by the InferenceService alone."""
+        return kind(name, documentation, list(SERVICE), registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,6 +14,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from llamaherd_server.metrics import ladder_buckets
+
 disable_created_metrics()
 
 SCALING_DECISIONS = "llamaherd_operator_scaling_decisions"
@@ -26,7 +28,9 @@ DESIRED_REPLICAS = "llamaherd_operator_desired_replicas"
 MIN_REPLICAS = "llamaherd_operator_min_replicas"
 MAX_REPLICAS = "llamaherd_operator_max_replicas"
 
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Cut from the server's one bucket table (llamaherd_server.metrics.BUCKET_LADDER).
+DURATION_BUCKETS = ladder_buckets(0.005, 30.0, without=(20.0,))
+PER_SERVICE = ("namespace", "inferenceservice")
 
 
 class OperatorMetrics:
@@ -43,39 +47,31 @@ class OperatorMetrics:
             "Prometheus queries that failed or found no fresh data.",
             registry=r,
         )
-        self.query_duration = Histogram(
-            PROMETHEUS_QUERY_DURATION,
-            "Time to read one service's signals from Prometheus.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.query_duration = self._duration(
+            PROMETHEUS_QUERY_DURATION, "Time to read one service's signals from Prometheus."
         )
-        self.autoscale_duration = Histogram(
-            AUTOSCALE_DURATION,
-            "Time of one autoscaling period of one service.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.autoscale_duration = self._duration(
+            AUTOSCALE_DURATION, "Time of one autoscaling period of one service."
         )
         self.errors = Counter(AUTOSCALE_ERRORS, "Autoscaling periods that failed.", registry=r)
-        self.reconcile_duration = Histogram(
-            RECONCILE_DURATION,
-            "Time of one reconcile of one InferenceService.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.reconcile_duration = self._duration(
+            RECONCILE_DURATION, "Time of one reconcile of one InferenceService."
         )
-        self.desired_replicas = Gauge(
-            DESIRED_REPLICAS,
-            "Replicas the autoscaler wants, by InferenceService.",
-            ["namespace", "inferenceservice"],
-            registry=r,
+        self.desired_replicas = self._per_service(
+            DESIRED_REPLICAS, "Replicas the autoscaler wants, by InferenceService."
+        )
+        self.min_replicas = self._per_service(
+            MIN_REPLICAS, "spec.autoscaling.minReplicas, by service."
+        )
+        self.max_replicas = self._per_service(
+            MAX_REPLICAS, "spec.autoscaling.maxReplicas, by service."
         )
 
-        per_service = ["namespace", "inferenceservice"]
-        self.min_replicas = Gauge(
-            MIN_REPLICAS, "spec.autoscaling.minReplicas, by service.", per_service, registry=r
-        )
-        self.max_replicas = Gauge(
-            MAX_REPLICAS, "spec.autoscaling.maxReplicas, by service.", per_service, registry=r
-        )
+    def _duration(self, name: str, documentation: str) -> Histogram:
+        return Histogram(name, documentation, buckets=DURATION_BUCKETS, registry=self.registry)
+
+    def _per_service(self, name: str, documentation: str) -> Gauge:
+        return Gauge(name, documentation, list(PER_SERVICE), registry=self.registry)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a service's series (it was deleted or stopped autoscaling)."""

@@ -47,8 +47,11 @@ READY = "llamaherd_ready"
 
 OUTCOMES = ("ok", "rejected", "timeout", "cancelled", "error")
 
-# 5 ms to 10 minutes, roughly x2 apart.
-LATENCY_BUCKETS = (
+# The one table that the server's, the gateway's and the operator's latency and duration
+# buckets are cut from: 1 ms to 10 minutes, 1-2.5-5 steps to 10 s, then about x2 apart.
+BUCKET_LADDER = (
+    0.001,
+    0.0025,
     0.005,
     0.01,
     0.025,
@@ -67,6 +70,15 @@ LATENCY_BUCKETS = (
     300.0,
     600.0,
 )
+
+
+def ladder_buckets(low: float, high: float, without: tuple[float, ...] = ()) -> tuple[float, ...]:
+    """The ladder's steps from ``low`` to ``high`` (both included), less those ``without``."""
+    return tuple(b for b in BUCKET_LADDER if low <= b <= high and b not in without)
+
+
+# 5 ms to 10 minutes, roughly x2 apart.
+LATENCY_BUCKETS = ladder_buckets(0.005, 600.0)
 TOKEN_LATENCY_BUCKETS = (
     0.001,
     0.0025,
