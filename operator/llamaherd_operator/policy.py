@@ -163,37 +163,14 @@ def decide(
             f"holding {clamped} replicas: {why}",
             scaling_active=False,
         )
+    idle = _scale_to_zero(metrics, current, now, spec, history, held)
+    if idle is not None:
+        return idle
 
     ready = min(metrics.ready, current) if current > 0 else metrics.ready
-    if spec.min_replicas == 0 and metrics.waiting + metrics.running + metrics.recent + held <= 0:
-        if history.idle_since is None:
-            history.idle_since = now
-        idle_for = now - history.idle_since
-        if idle_for >= spec.scale_to_zero_idle_s and metrics.ready >= current > 0:
-            history.idle_since = None
-            return Decision(
-                0,
-                current,
-                "ScaledToZero",
-                f"{current} -> 0: no request waited, ran or was held for {idle_for:.0f}s "
-                f"(scaleToZeroIdleSeconds {spec.scale_to_zero_idle_s:g})",
-            )
-    else:
-        history.idle_since = None
     waiting = metrics.waiting + held
     per_pod_waiting = waiting / ready
-    signals = {
-        "queue": signal_recommendation(
-            ready, per_pod_waiting, spec.target_queue_depth, spec.tolerance
-        ),
-        "slots": signal_recommendation(
-            ready, metrics.running / ready, spec.slots * SLOT_UTILIZATION_TARGET, spec.tolerance
-        ),
-    }
-    if spec.target_latency_p95_s and metrics.latency_p95_s is not None:
-        signals["latency"] = signal_recommendation(
-            ready, metrics.latency_p95_s, spec.target_latency_p95_s, spec.tolerance
-        )
+    signals = _signals(metrics, ready, per_pod_waiting, spec)
     driver = max(signals, key=lambda k: signals[k])
     recommendation = max(1, spec.clamp(max(signals.values())))
     keep = max(spec.scale_down_stabilization_s, spec.scale_up_stabilization_s)
@@ -209,50 +186,102 @@ def decide(
         + (f", p95 {metrics.latency_p95_s * 1000:.0f}ms" if metrics.latency_p95_s else "")
     )
 
-    def decision(desired: int, reason: str, what: str) -> Decision:
-        return Decision(
-            max(1, spec.clamp(desired)),
-            current,
-            reason,
-            f"{what}: {numbers}",
-            recommendation=recommendation,
-        )
-
     if current != clamped:
-        return decision(
-            clamped, "OutOfBounds", f"{current} outside [{spec.min_replicas}, {spec.max_replicas}]"
+        desired, reason, what = (
+            clamped,
+            "OutOfBounds",
+            f"{current} outside [{spec.min_replicas}, {spec.max_replicas}]",
         )
-    if recommendation > current:
-        if burst:
-            return decision(
-                recommendation,
-                "BurstScaleUp",
-                f"burst: {current} -> {recommendation} at once ({driver})",
-            )
-        stable = min(history.within(now, spec.scale_up_stabilization_s) or [recommendation])
-        if stable <= current:
-            return decision(
-                current, "StabilizingUp", f"holding {current}: the scale-up window saw {stable}"
-            )
-        limit = max(math.ceil(current * UP_FACTOR), current + UP_PODS)
-        desired = min(stable, limit)
-        return decision(desired, "ScaleUp", f"{current} -> {desired} ({driver})")
-    if recommendation < current:
-        if burst:
-            return decision(current, "Burst", f"holding {current}: queue in burst")
-        if metrics.ready < current:
-            return decision(
-                current,
-                "PodsNotReady",
-                f"holding {current}: {current - metrics.ready} pods not ready yet",
-            )
-        stable = max(history.within(now, spec.scale_down_stabilization_s))
-        if stable >= current:
-            return decision(
-                current, "StabilizingDown", f"holding {current}: the scale-down window saw {stable}"
-            )
-        return decision(stable, "ScaleDown", f"{current} -> {stable}")
-    return decision(current, "Steady", f"{current} replicas fit the load")
+    elif recommendation > current:
+        window = history.within(now, spec.scale_up_stabilization_s)
+        desired, reason, what = _scale_up(current, recommendation, burst, driver, window)
+    elif recommendation < current:
+        window = history.within(now, spec.scale_down_stabilization_s)
+        desired, reason, what = _scale_down(current, burst, metrics.ready, window)
+    else:
+        desired, reason, what = current, "Steady", f"{current} replicas fit the load"
+    return Decision(
+        max(1, spec.clamp(desired)),
+        current,
+        reason,
+        f"{what}: {numbers}",
+        recommendation=recommendation,
+    )
+
+
+def _scale_to_zero(
+    metrics: Metrics, current: int, now: float, spec: ScalingSpec, history: History, held: float
+) -> Decision | None:
+    """Rule 7: zero replicas after ``scale_to_zero_idle_s`` without any request; keeps the
+    start of the idle stretch in ``history``."""
+    idle = spec.min_replicas == 0 and metrics.waiting + metrics.running + metrics.recent + held <= 0
+    if not idle:
+        history.idle_since = None
+        return None
+    if history.idle_since is None:
+        history.idle_since = now
+    idle_for = now - history.idle_since
+    if idle_for >= spec.scale_to_zero_idle_s and metrics.ready >= current > 0:
+        history.idle_since = None
+        return Decision(
+            0,
+            current,
+            "ScaledToZero",
+            f"{current} -> 0: no request waited, ran or was held for {idle_for:.0f}s "
+            f"(scaleToZeroIdleSeconds {spec.scale_to_zero_idle_s:g})",
+        )
+    return None
+
+
+def _signals(
+    metrics: Metrics, ready: int, per_pod_waiting: float, spec: ScalingSpec
+) -> dict[str, int]:
+    """Rule 2: each signal's recommendation."""
+    signals = {
+        "queue": signal_recommendation(
+            ready, per_pod_waiting, spec.target_queue_depth, spec.tolerance
+        ),
+        "slots": signal_recommendation(
+            ready, metrics.running / ready, spec.slots * SLOT_UTILIZATION_TARGET, spec.tolerance
+        ),
+    }
+    if spec.target_latency_p95_s and metrics.latency_p95_s is not None:
+        signals["latency"] = signal_recommendation(
+            ready, metrics.latency_p95_s, spec.target_latency_p95_s, spec.tolerance
+        )
+    return signals
+
+
+def _scale_up(
+    current: int, recommendation: int, burst: bool, driver: str, window: list[int]
+) -> tuple[int, str, str]:
+    """Rules 3 and 4, for a recommendation above ``current``: (desired, reason, what
+    happened). ``window``: the recommendations in the scale-up stabilization window."""
+    if burst:
+        return (
+            recommendation,
+            "BurstScaleUp",
+            f"burst: {current} -> {recommendation} at once ({driver})",
+        )
+    stable = min(window or [recommendation])
+    if stable <= current:
+        return current, "StabilizingUp", f"holding {current}: the scale-up window saw {stable}"
+    limit = max(math.ceil(current * UP_FACTOR), current + UP_PODS)
+    desired = min(stable, limit)
+    return desired, "ScaleUp", f"{current} -> {desired} ({driver})"
+
+
+def _scale_down(current: int, burst: bool, ready: int, window: list[int]) -> tuple[int, str, str]:
+    """Rule 5, for a recommendation below ``current``: (desired, reason, what happened).
+    ``window``: the recommendations in the scale-down stabilization window (this one too)."""
+    if burst:
+        return current, "Burst", f"holding {current}: queue in burst"
+    if ready < current:
+        return current, "PodsNotReady", f"holding {current}: {current - ready} pods not ready yet"
+    stable = max(window)
+    if stable >= current:
+        return current, "StabilizingDown", f"holding {current}: the scale-down window saw {stable}"
+    return stable, "ScaleDown", f"{current} -> {stable}"
 
 
 def conflicting_autoscalers(
