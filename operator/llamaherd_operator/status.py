@@ -261,6 +261,119 @@ def _summarise(problems: Sequence[Problem]) -> Problem:
     return first
 
 
+@dataclass(frozen=True)
+class _Replicas:
+    """The Deployment's replica counts, and the generation of the spec they come from."""
+
+    desired: int
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    available: int = 0
+    observed: int | None = None  # observedGeneration, when known
+
+
+def _replicas(
+    deployment: Mapping[str, Any] | None, spec: Mapping[str, Any], old_status: Mapping[str, Any]
+) -> _Replicas:
+    if deployment is None:
+        return _Replicas(
+            desired=builders.desired_replicas(spec),
+            observed=old_status.get("observedGeneration"),
+        )
+    generation_text = _get(deployment, "metadata", "annotations", names.ANNOTATION_GENERATION)
+    return _Replicas(
+        desired=int(_get(deployment, "spec", "replicas", default=0)),
+        replicas=int(_get(deployment, "status", "replicas", default=0)),
+        ready=int(_get(deployment, "status", "readyReplicas", default=0)),
+        updated=int(_get(deployment, "status", "updatedReplicas", default=0)),
+        available=int(_get(deployment, "status", "availableReplicas", default=0)),
+        observed=int(generation_text) if generation_text else old_status.get("observedGeneration"),
+    )
+
+
+def _degraded(problems: Sequence[Problem]) -> dict[str, str]:
+    if problems:
+        worst = _summarise(problems)
+        return _condition(DEGRADED, "True", worst.reason, worst.message)
+    return _condition(DEGRADED, "False", "AsExpected", "no problems found")
+
+
+def _model_loading_condition(
+    loading: tuple[str, str, str] | None, problems: Sequence[Problem], ready: int
+) -> dict[str, str]:
+    if loading:
+        return _condition(MODEL_LOADING, *loading)
+    if any(p.reason == MODEL_DOWNLOAD_FAILED for p in problems):
+        return _condition(
+            MODEL_LOADING, "False", MODEL_DOWNLOAD_FAILED, "the model download failed"
+        )
+    if any(p.reason == MODEL_LOAD_FAILED for p in problems):
+        return _condition(MODEL_LOADING, "False", MODEL_LOAD_FAILED, "the model failed to load")
+    if ready > 0:
+        return _condition(MODEL_LOADING, "False", "ModelLoaded", "the model is loaded")
+    return _condition(MODEL_LOADING, "False", "NoRunningPods", "no pod is running")
+
+
+def _progressing(
+    deployment: Mapping[str, Any] | None, counts: _Replicas, problems: Sequence[Problem]
+) -> dict[str, str]:
+    desired, updated = counts.desired, counts.updated
+    dep_generation = int(_get(deployment, "metadata", "generation", default=0))
+    dep_observed = int(_get(deployment, "status", "observedGeneration", default=0))
+    if deployment is None:
+        return _condition(PROGRESSING, "True", "Creating", "creating the Deployment")
+    if dep_observed < dep_generation:
+        return _condition(
+            PROGRESSING, "True", "RolloutPending", "the Deployment's new spec is not picked up yet"
+        )
+    if any(p.reason == PROGRESS_DEADLINE_EXCEEDED for p in problems):
+        return _condition(
+            PROGRESSING, "False", PROGRESS_DEADLINE_EXCEEDED, "the rollout stopped making progress"
+        )
+    if updated < desired:
+        return _condition(
+            PROGRESSING, "True", "RollingOut", f"{updated} of {desired} replicas updated"
+        )
+    if counts.replicas > updated:
+        return _condition(
+            PROGRESSING,
+            "True",
+            "RollingOut",
+            f"{counts.replicas - updated} old replicas terminating",
+        )
+    if counts.available < desired:
+        return _condition(
+            PROGRESSING,
+            "True",
+            "WaitingForReplicas",
+            f"{counts.available} of {desired} replicas available",
+        )
+    return _condition(
+        PROGRESSING, "False", "Complete", f"{desired} replicas up to date and available"
+    )
+
+
+def _ready(
+    deployment: Mapping[str, Any] | None,
+    counts: _Replicas,
+    degraded: Mapping[str, str],
+    loading: tuple[str, str, str] | None,
+) -> dict[str, str]:
+    desired, ready = counts.desired, counts.ready
+    if desired == 0 and deployment is not None:
+        return _condition(READY, "False", "ScaledToZero", "no replicas requested")
+    if ready > 0:
+        return _condition(READY, "True", "ReplicasReady", f"{ready} of {desired} replicas ready")
+    if degraded["status"] == "True":
+        return _condition(READY, "False", degraded["reason"], degraded["message"])
+    if loading:
+        return _condition(READY, "False", loading[1], loading[2])
+    if deployment is None:
+        return _condition(READY, "False", "Creating", "creating the Deployment")
+    return _condition(READY, "False", "NoReadyReplicas", f"0 of {desired} replicas ready")
+
+
 def compute_status(
     body: Body,
     deployment: Mapping[str, Any] | None,
@@ -280,110 +393,31 @@ def compute_status(
     old_status = body.get("status") or {}
     gpu_resource = str(spec.get("gpu", {}).get("resourceName", builders.DEFAULT_GPU_RESOURCE))
     live = _live_pods(pods)
-
-    if deployment is not None:
-        desired = int(_get(deployment, "spec", "replicas", default=0))
-        replicas = int(_get(deployment, "status", "replicas", default=0))
-        ready = int(_get(deployment, "status", "readyReplicas", default=0))
-        updated = int(_get(deployment, "status", "updatedReplicas", default=0))
-        available = int(_get(deployment, "status", "availableReplicas", default=0))
-        generation_text = _get(deployment, "metadata", "annotations", names.ANNOTATION_GENERATION)
-        observed = int(generation_text) if generation_text else old_status.get("observedGeneration")
-    else:
-        desired = builders.desired_replicas(spec)
-        replicas = ready = updated = available = 0
-        observed = old_status.get("observedGeneration")
-
+    counts = _replicas(deployment, spec, old_status)
     all_problems = [*problems, *pod_problems(live, gpu_resource), *_deployment_problems(deployment)]
-
-    if all_problems:
-        worst = _summarise(all_problems)
-        degraded = _condition(DEGRADED, "True", worst.reason, worst.message)
-    else:
-        degraded = _condition(DEGRADED, "False", "AsExpected", "no problems found")
-
+    degraded = _degraded(all_problems)
     loading = _model_loading(live)
-    if loading:
-        model_loading = _condition(MODEL_LOADING, *loading)
-    elif any(p.reason == MODEL_DOWNLOAD_FAILED for p in all_problems):
-        model_loading = _condition(
-            MODEL_LOADING, "False", MODEL_DOWNLOAD_FAILED, "the model download failed"
-        )
-    elif any(p.reason == MODEL_LOAD_FAILED for p in all_problems):
-        model_loading = _condition(
-            MODEL_LOADING, "False", MODEL_LOAD_FAILED, "the model failed to load"
-        )
-    elif ready > 0:
-        model_loading = _condition(MODEL_LOADING, "False", "ModelLoaded", "the model is loaded")
-    else:
-        model_loading = _condition(MODEL_LOADING, "False", "NoRunningPods", "no pod is running")
-
-    dep_generation = int(_get(deployment, "metadata", "generation", default=0))
-    dep_observed = int(_get(deployment, "status", "observedGeneration", default=0))
-    stuck = any(p.reason == PROGRESS_DEADLINE_EXCEEDED for p in all_problems)
-    if deployment is None:
-        progressing = _condition(PROGRESSING, "True", "Creating", "creating the Deployment")
-    elif dep_observed < dep_generation:
-        progressing = _condition(
-            PROGRESSING, "True", "RolloutPending", "the Deployment's new spec is not picked up yet"
-        )
-    elif stuck:
-        progressing = _condition(
-            PROGRESSING, "False", PROGRESS_DEADLINE_EXCEEDED, "the rollout stopped making progress"
-        )
-    elif updated < desired:
-        progressing = _condition(
-            PROGRESSING, "True", "RollingOut", f"{updated} of {desired} replicas updated"
-        )
-    elif replicas > updated:
-        progressing = _condition(
-            PROGRESSING, "True", "RollingOut", f"{replicas - updated} old replicas terminating"
-        )
-    elif available < desired:
-        progressing = _condition(
-            PROGRESSING,
-            "True",
-            "WaitingForReplicas",
-            f"{available} of {desired} replicas available",
-        )
-    else:
-        progressing = _condition(
-            PROGRESSING, "False", "Complete", f"{desired} replicas up to date and available"
-        )
-
-    if desired == 0 and deployment is not None:
-        ready_condition = _condition(READY, "False", "ScaledToZero", "no replicas requested")
-    elif ready > 0:
-        ready_condition = _condition(
-            READY, "True", "ReplicasReady", f"{ready} of {desired} replicas ready"
-        )
-    elif degraded["status"] == "True":
-        ready_condition = _condition(READY, "False", degraded["reason"], degraded["message"])
-    elif loading:
-        ready_condition = _condition(READY, "False", loading[1], loading[2])
-    elif deployment is None:
-        ready_condition = _condition(READY, "False", "Creating", "creating the Deployment")
-    else:
-        ready_condition = _condition(
-            READY, "False", "NoReadyReplicas", f"0 of {desired} replicas ready"
-        )
-
     conditions = merge_conditions(
         old_status.get("conditions", []),
-        [ready_condition, progressing, degraded, model_loading],
+        [
+            _ready(deployment, counts, degraded, loading),
+            _progressing(deployment, counts, all_problems),
+            degraded,
+            _model_loading_condition(loading, all_problems, counts.ready),
+        ],
         now=now,
-        generation=observed,
+        generation=counts.observed,
     )
     status: dict[str, Any] = {
-        "replicas": replicas,
-        "readyReplicas": ready,
-        "desiredReplicas": desired,
+        "replicas": counts.replicas,
+        "readyReplicas": counts.ready,
+        "desiredReplicas": counts.desired,
         "selector": builders.selector_string(meta["name"]),
         "endpoint": builders.endpoint(body),
         "conditions": conditions,
     }
-    if observed is not None:
-        status["observedGeneration"] = int(observed)
+    if counts.observed is not None:
+        status["observedGeneration"] = int(counts.observed)
     return status
 
 
