@@ -459,81 +459,18 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         names.LABEL_INFERENCE_SERVICE: kopf.PRESENT,
     }
 
-    @kopf.on.login(id="login", registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # The same order as lightkube's client: in-cluster service account, then kubeconfig.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-
-    @kopf.index(*resource, id=INDEX_ID, registry=registry)
-    def index_inference_services(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-        return {_key(body): snapshot(body)}
+    kopf.on.login(id="login", registry=registry)(login)
+    kopf.index(*resource, id=INDEX_ID, registry=registry)(index_inference_services)
 
     @kopf.on.startup(id="startup", registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
         configure_kopf(settings, operator_settings)
-        state = OperatorState(
-            settings=operator_settings,
-            kube=Kube.connect(operator_settings.request_timeout_seconds),
-            options=operator_settings.build_options(),
-            queue=WorkQueue(operator_settings.retry_delay_seconds),
-            index=kwargs.get(INDEX_ID),
-        )
-        memo.state = state
-        state.tasks.append(asyncio.create_task(work_queue_loop(state), name="work queue"))
-        state.tasks.append(asyncio.create_task(resync_loop(state), name="resync"))
+        start(memo, operator_settings, kwargs.get(INDEX_ID))
 
-    @kopf.on.cleanup(id="cleanup", registry=registry)
-    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        state = getattr(memo, "state", None)
-        if state is not None:
-            for task in state.tasks:
-                task.cancel()
-            await asyncio.gather(*state.tasks, return_exceptions=True)
-            await state.kube.close()
-
-    @kopf.on.resume(*resource, id="reconcile", registry=registry)
-    @kopf.on.create(*resource, id="reconcile", registry=registry)
-    @kopf.on.update(*resource, id="reconcile", registry=registry)
-    async def reconcile_handler(
-        body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, logger: Any, **_: Any
-    ) -> None:
-        cause = str(getattr(reason, "value", reason))  # kopf passes a str enum
-        started = time.perf_counter()
-        try:
-            await reconcile(body, _state(memo), logger, reason=cause, retry=retry)
-        finally:
-            metrics = getattr(memo, "operator_metrics", None)  # set by the autoscaler's startup
-            if metrics is not None:
-                metrics.reconcile_duration.observe(time.perf_counter() - started)
-
-    async def owned_changed(
-        event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any
-    ) -> None:
-        if event.get("type") is None:
-            return  # the initial listing: resuming every InferenceService covers it
-        state = _state(memo)
-        kind = body.get("kind", "")
-        namespace = body["metadata"]["namespace"]
-        name = body["metadata"]["labels"][names.LABEL_INFERENCE_SERVICE]
-        if kind != "Pod":
-            # Wait for a reconcile of this service in flight: its own writes are no drift.
-            async with state.reconcile_locks.setdefault((namespace, name), asyncio.Lock()):
-                recorded = state.applied.get((kind, namespace, body["metadata"]["name"]))
-            drifted = is_drift(kind, str(event.get("type")), body, recorded)
-            if drifted:
-                logger.info(
-                    "%s %s outside the operator: reconciling",
-                    kind,
-                    "deleted" if event.get("type") == "DELETED" else "changed",
-                )
-                state.queue.add((namespace, name))
-                return  # the reconcile refreshes the status
-        if kind in ("Pod", "Deployment"):
-            try:
-                await refresh_status(state, namespace, name)
-            except KubeError as err:
-                logger.warning("status refresh of %s/%s failed: %s", namespace, name, err)
-
+    kopf.on.cleanup(id="cleanup", registry=registry)(cleanup)
+    # One idempotent reconcile, whatever the cause.
+    for on_change in (kopf.on.update, kopf.on.create, kopf.on.resume):
+        on_change(*resource, id="reconcile", registry=registry)(reconcile_handler)
     for group, version, plural in (
         ("apps", "v1", "deployments"),
         ("", "v1", "pods"),
@@ -543,6 +480,90 @@ def register(registry: kopf.OperatorRegistry, operator_settings: OperatorSetting
         kopf.on.event(
             group, version, plural, id=f"{plural}-changed", labels=owned, registry=registry
         )(owned_changed)
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # The same order as lightkube's client: in-cluster service account, then kubeconfig.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def index_inference_services(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {_key(body): snapshot(body)}
+
+
+def start(memo: kopf.Memo, operator_settings: OperatorSettings, index: Any) -> None:
+    """The operator's state in ``memo``, and its work queue and resync loops started."""
+    state = OperatorState(
+        settings=operator_settings,
+        kube=Kube.connect(operator_settings.request_timeout_seconds),
+        options=operator_settings.build_options(),
+        queue=WorkQueue(operator_settings.retry_delay_seconds),
+        index=index,
+    )
+    memo.state = state
+    state.tasks.append(asyncio.create_task(work_queue_loop(state), name="work queue"))
+    state.tasks.append(asyncio.create_task(resync_loop(state), name="resync"))
+
+
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = getattr(memo, "state", None)
+    if state is not None:
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        await state.kube.close()
+
+
+async def reconcile_handler(
+    body: kopf.Body, reason: str, retry: int, memo: kopf.Memo, logger: Any, **_: Any
+) -> None:
+    cause = str(getattr(reason, "value", reason))  # kopf passes a str enum
+    started = time.perf_counter()
+    try:
+        await reconcile(body, _state(memo), logger, reason=cause, retry=retry)
+    finally:
+        metrics = getattr(memo, "operator_metrics", None)  # set by the autoscaler's startup
+        if metrics is not None:
+            metrics.reconcile_duration.observe(time.perf_counter() - started)
+
+
+async def owned_changed(
+    event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any
+) -> None:
+    """An event of an owned object: reconcile its service when someone else changed it, else
+    refresh the service's status when it is a Deployment or a pod."""
+    if event.get("type") is None:
+        return  # the initial listing: resuming every InferenceService covers it
+    state = _state(memo)
+    kind = body.get("kind", "")
+    namespace = body["metadata"]["namespace"]
+    name = body["metadata"]["labels"][names.LABEL_INFERENCE_SERVICE]
+    if kind != "Pod" and await _drifted(state, event, body, (namespace, name), logger):
+        state.queue.add((namespace, name))
+        return  # the reconcile refreshes the status
+    if kind in ("Pod", "Deployment"):
+        try:
+            await refresh_status(state, namespace, name)
+        except KubeError as err:
+            logger.warning("status refresh of %s/%s failed: %s", namespace, name, err)
+
+
+async def _drifted(
+    state: OperatorState, event: Mapping[str, Any], body: kopf.Body, service: Key, logger: Any
+) -> bool:
+    """Whether an owned object of ``service`` changed outside the operator (logged if so)."""
+    kind = body.get("kind", "")
+    # Wait for a reconcile of this service in flight: its own writes are no drift.
+    async with state.reconcile_locks.setdefault(service, asyncio.Lock()):
+        recorded = state.applied.get((kind, service[0], body["metadata"]["name"]))
+    if not is_drift(kind, str(event.get("type")), body, recorded):
+        return False
+    logger.info(
+        "%s %s outside the operator: reconciling",
+        kind,
+        "deleted" if event.get("type") == "DELETED" else "changed",
+    )
+    return True
 
 
 def configure_kopf(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
