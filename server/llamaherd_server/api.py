@@ -24,9 +24,11 @@ from sse_starlette.sse import EventSourceResponse
 from . import __version__
 from .bridge import Generation, ensure_ready, sse, usage
 from .chat import ChatTemplateError, render_chat, render_chat_parts, tokenize_parts
-from .engine import Engine, SamplingParams
+from .engine import Engine
 from .errors import APIError, install_error_handlers
+from .generation import SamplingParams
 from .gpu import gpu_utilization
+from .llama_backend import LlamaBackend
 from .metrics import ServerMetrics
 from .middleware import APIKey, BodyLimit
 from .protocol import (
@@ -80,12 +82,13 @@ def create_app(
         engine = Engine(
             settings.model,
             metrics,
+            backend=LlamaBackend.factory(
+                settings.model, threads=threads, gpu_layers=settings.gpu_layers
+            ),
             slots=settings.slots,
             context_size=settings.context_size,
             token_budget=settings.token_budget,
             max_wait_ms=settings.max_wait_ms,
-            threads=threads,
-            gpu_layers=settings.gpu_layers,
             queue_limit=settings.queue_limit,
             aging_seconds=settings.priority_aging_seconds,
             seed=settings.seed,

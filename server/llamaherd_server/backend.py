@@ -3,21 +3,35 @@
 cancellation, expiry) and the llama.cpp binding
 (:class:`~llamaherd_server.llama_backend.LlamaBackend`).
 
-Only the scheduler thread calls ``make_sampler``, ``accept``, ``decode``, ``sample``,
-``free_sampler``, ``seq_rm`` and ``seq_cp``; ``tokenize`` and ``token_bytes`` may run on any
-thread while the model is loaded. Unit tests drive the scheduler with a fake that follows the
-same protocol."""
+The engine does not pick its backend: its caller hands it a :data:`BackendFactory`, which the
+engine calls once with the :class:`ContextShape` it needs (the server passes
+``LlamaBackend.factory(...)``; unit tests a fake). Only the scheduler thread calls
+``make_sampler``, ``accept``, ``decode``, ``sample``, ``free_sampler``, ``seq_rm`` and
+``seq_cp``; ``tokenize`` and ``token_bytes`` may run on any thread while the model is loaded.
+Unit tests drive the scheduler with a fake that follows the same protocol."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .engine import SamplingParams
+from .generation import SamplingParams
 
 # One entry of a decode batch: (token, position, sequence id, wants logits).
 BatchToken = tuple[int, int, int, bool]
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """The context the scheduler asks its backend for: one unified KV cache of ``slots`` x
+    ``context_size`` cells shared by ``sequences`` sequence ids (running requests and cached
+    prefixes), decoded in batches of at most ``batch_size`` tokens."""
+
+    slots: int
+    context_size: int
+    sequences: int
+    batch_size: int
 
 
 class Backend(Protocol):
@@ -86,3 +100,7 @@ class Backend(Protocol):
 
     def seq_restore(self, data: bytes, seq_id: int) -> bool:
         """Put saved KV back into an empty sequence (new cells); False when it did not fit."""
+
+
+# What an engine is given instead of a backend: it makes the one it drives, for its shape.
+BackendFactory = Callable[[ContextShape], Backend]

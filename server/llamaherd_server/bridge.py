@@ -17,18 +17,7 @@ from typing import Any, TypeVar
 from sse_starlette.sse import EventSourceResponse
 from starlette.types import Receive
 
-from .engine import (
-    Admitted,
-    Engine,
-    EngineDraining,
-    EngineNotReady,
-    Failed,
-    Finished,
-    GenerationRequest,
-    QueueFull,
-    SamplingParams,
-    TextChunk,
-)
+from .engine import Engine
 from .errors import (
     APIError,
     disconnected_error,
@@ -37,8 +26,19 @@ from .errors import (
     not_ready_error,
     queue_full_error,
 )
+from .generation import (
+    Admitted,
+    EngineDraining,
+    EngineNotReady,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
 from .metrics import ServerMetrics
 from .protocol import error_body
+from .queue import QueueFull
 
 request_log = logging.getLogger("llamaherd.requests")
 

@@ -17,9 +17,11 @@ each. One scheduler thread owns it; nothing else touches the context. Each itera
    finish it (slot freed, its KV kept as a cached prefix or dropped) on EOS, a stop string,
    ``max_tokens`` or a full context.
 
-The engine knows nothing of HTTP, nor of llama.cpp: it drives a
-:class:`~llamaherd_server.backend.Backend`, by default
-:class:`~llamaherd_server.llama_backend.LlamaBackend` (the unit tests give it a fake). It
+The engine knows nothing of HTTP, nor of llama.cpp: it drives the
+:class:`~llamaherd_server.backend.Backend` made by the factory its caller hands it (the
+server's: :meth:`LlamaBackend.factory <llamaherd_server.llama_backend.LlamaBackend.factory>`;
+the unit tests': a fake). A request, its sampling parameters, its events and the engine's
+refusals live in :mod:`llamaherd_server.generation` (imported from here too, as before). It
 reports to each request through a callback that the caller makes thread-safe (the API hands
 tokens to its event loop with ``call_soon_threadsafe``).
 """
@@ -27,7 +29,6 @@ tokens to its event loop with ``call_soon_threadsafe``).
 from __future__ import annotations
 
 import codecs
-import enum
 import functools
 import logging
 import math
@@ -35,22 +36,33 @@ import random
 import re
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from .backend import Backend, BatchToken
+from .backend import Backend, BackendFactory, BatchToken, ContextShape
 from .chat import controls_pattern
+from .generation import (
+    Admitted,
+    EngineDraining,
+    EngineFailed,
+    EngineNotReady,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
 from .kvcache import KvEntry, KvPool, Match
-from .llama_backend import LlamaBackend
 from .loadfail import ModelLoadError, failure_message
 from .metrics import ServerMetrics
 from .queue import PriorityQueue, QueueFull
-from .sampling import GREEDY_BELOW, request_seed
+from .sampling import SamplingMode, request_seed, sampling_mode
 
 log = logging.getLogger("llamaherd.engine")
 
@@ -63,6 +75,7 @@ __all__ = [
     "EngineDraining",
     "EngineFailed",
     "EngineNotReady",
+    "Event",
     "Failed",
     "Finished",
     "GenerationRequest",
@@ -72,121 +85,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 100
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def has_penalties(self) -> bool:
-        return (
-            self.repeat_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
-
-
-class SamplingMode(enum.Enum):
-    GREEDY = "greedy"  # temperature 0: the argmax
-    SOFTMAX = "softmax"  # plain temperature sampling
-    CHAIN = "chain"  # anything else: llama.cpp's sampler chain
-
-
-def sampling_mode(p: SamplingParams) -> SamplingMode:
-    """Which sampler a request needs: the engine samples GREEDY and SOFTMAX sequences of a step
-    together (sampling.py), CHAIN ones one by one through llama.cpp."""
-    if p.has_penalties:
-        return SamplingMode.CHAIN
-    if p.temperature < GREEDY_BELOW:
-        return SamplingMode.GREEDY
-    if p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0:
-        return SamplingMode.SOFTMAX
-    return SamplingMode.CHAIN
-
-
-@dataclass
-class TextChunk:
-    """New text of one sequence; ``n_tokens`` tokens were generated since the last chunk."""
-
-    text: str
-    n_tokens: int
-
-
-@dataclass
-class Finished:
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    queue_wait_s: float
-    latency_s: float
-    time_to_first_token_s: float | None
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-
-@dataclass
-class Failed:
-    outcome: str  # "timeout", "cancelled" or "error"
-    message: str
-    completion_tokens: int = 0
-
-
-@dataclass
-class Admitted:
-    """The request left the queue for a slot: from now on it runs. Sent only to requests that
-    ask for it (``GenerationRequest.report_admission``): a server sends a stream's response
-    headers then, so a client (the gateway) knows that a connection lost before them never
-    started any work."""
-
-    queue_wait_s: float
-
-
-Event = TextChunk | Finished | Failed | Admitted
-
-
-class EngineNotReady(Exception):
-    """The model is still loading."""
-
-
-class EngineDraining(Exception):
-    """The server is shutting down and admits no new requests."""
-
-
 class DecodeFailed(RuntimeError):
     """llama_decode returned an error for a whole batch."""
-
-
-class EngineFailed(EngineNotReady):
-    """The scheduler thread died: the engine serves nothing any more (/health is 503)."""
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    prompt_tokens: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], object]
-    priority: int = 0
-    timeout_s: float = 300.0
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    admitted_at: float | None = None
-    report_admission: bool = False
-    # Put back into the queue once after a failed step that it had no output from yet.
-    retried: bool = False
-
-    @property
-    def deadline(self) -> float:
-        return self.arrival + self.timeout_s
 
 
 class _Sequence:
@@ -237,6 +137,17 @@ class _Sequence:
         self.ttft: float | None = None
 
 
+@dataclass
+class _StepPlan:
+    """One step's batch and what each of its entries is for."""
+
+    batch: list[BatchToken] = field(default_factory=list)
+    outputs: list[tuple[int, _Sequence]] = field(default_factory=list)  # (batch index, seq)
+    decoded: list[_Sequence] = field(default_factory=list)  # their pending token in the batch
+    prefilled: list[tuple[_Sequence, int, int]] = field(default_factory=list)  # (seq, from, to)
+    sequences: int = 0  # sequences in the batch
+
+
 def _run_emits(outbox: list[tuple[Callable[[Event], object], Event]]) -> None:
     for emit, event in outbox:
         try:
@@ -256,20 +167,44 @@ def safe_emit_length(text: str, stops: tuple[str, ...]) -> int:
     return len(text) - hold
 
 
+def sequence_ids(slots: int, prefix_cache: bool) -> int:
+    """How many sequence ids the context has: one per running request, and with the prefix
+    cache twice as many again for cached prefixes (more distinct prefixes than slots is what a
+    cache shared by all slots is for; the cells they may hold are budgeted apart, see
+    kvcache)."""
+    return min(256, 3 * slots) if prefix_cache else slots
+
+
 class Engine:
-    """Owns the llama.cpp model and context and the scheduler thread."""
+    """Owns the scheduler thread and the model runtime (the backend) it drives.
+
+    ``backend`` makes that runtime for the context the engine needs (slots, sequence ids, batch
+    size). ``dispatch`` says how the scheduler thread hands events out (see _deliver): None, it
+    calls each request's emit itself; an event loop's call_soon_threadsafe, one wake-up of that
+    loop per step runs all the step's emits there (they then need no hand-off of their own)."""
+
+    # What load() reads from the model; these defaults stand until then.
+    n_vocab = 0
+    chat_template: str | None = None
+    bos_text = ""
+    eos_text = ""
+    # The longest text one token stands for, in bytes (specials included).
+    max_token_bytes = 1
+    # The texts of the control tokens (<|im_start|>, </s>): only a chat template's own text may
+    # turn into them (chat.tokenize_parts).
+    control_tokens: Mapping[str, int] = MappingProxyType({})
+    controls_pattern: re.Pattern[str] | None = None
 
     def __init__(
         self,
         model_path: Path,
         metrics: ServerMetrics,
         *,
+        backend: BackendFactory,
         slots: int = 8,
         context_size: int = 2048,
         token_budget: int = 512,
         max_wait_ms: float = 5.0,
-        threads: int = 2,
-        gpu_layers: int = 0,
         queue_limit: int = 256,
         aging_seconds: float = 10.0,
         seed: int = -1,
@@ -277,12 +212,8 @@ class Engine:
         prefix_cache: bool = True,
         prefix_cache_ram_bytes: int = 512 << 20,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
-        backend: Backend | None = None,
     ) -> None:
-        self.model_path = model_path
-        # How the scheduler thread hands events out (see _deliver). None: it calls each
-        # request's emit itself. An event loop's call_soon_threadsafe: one wake-up of that loop
-        # per step runs all the step's emits there (they then need no hand-off of their own).
+        self.model_path = model_path  # named in the load error
         self.dispatch = dispatch
         self.metrics = metrics
         self.slots = slots
@@ -290,8 +221,6 @@ class Engine:
         # Every decoding sequence needs one token of the budget in each step.
         self.token_budget = max(token_budget, slots)
         self.max_wait_s = max_wait_ms / 1000.0
-        self.threads = threads
-        self.gpu_layers = gpu_layers
         self.default_seed = seed
         self.queue: PriorityQueue[GenerationRequest] = PriorityQueue(
             queue_limit, aging_seconds, on_change=metrics.set_waiting
@@ -304,44 +233,33 @@ class Engine:
         self.stall_seconds = stall_seconds
         # When the scheduler loop last showed it is alive (each iteration, and while idle).
         self._heartbeat = time.monotonic()
-        self.chat_template: str | None = None
-        self.bos_text = ""
-        self.eos_text = ""
-        self.n_vocab = 0
-        # The longest text one token stands for, in bytes (specials included).
-        self.max_token_bytes = 1
-        # The texts of the control tokens (<|im_start|>, </s>): only a chat template's own
-        # text may turn into them (chat.tokenize_parts).
-        self.control_tokens: dict[str, int] = {}
-        self.controls_pattern: re.Pattern[str] | None = None
         self._wake = threading.Condition()
         self._stop = False
         self._abort: str | None = None
         self._thread: threading.Thread | None = None
+        self._thread_ident: int | None = None
         # How long close() waits for the scheduler thread (and tokenizing threads) to stop.
         self.close_timeout_s = 30.0
         # Threads other than the scheduler inside tokenize(): close() frees nothing under them.
         self._users = 0
         self._users_idle = threading.Condition()
+        self._loaded = False
         self._closed = False
         self._running: dict[int, _Sequence] = {}  # by sequence id
         # Events produced on the scheduler thread, handed out in one burst (see _deliver).
         self._outbox: list[tuple[Callable[[Event], object], Event]] = []
-        self._thread_ident: int | None = None
+        self._avg_latency_s = 1.0
+        self._kv_gauges_at = 0.0
         self.prefix_cache = prefix_cache
-        # Sequence ids: one per running request, and twice as many for cached prefixes (more
-        # distinct prefixes than slots is what a cache shared by all slots is for; the cells
-        # they may hold are budgeted separately, see kvcache).
-        self.sequences = min(256, 3 * slots) if prefix_cache else slots
+        self.sequences = sequence_ids(slots, prefix_cache)
         # The model runtime; only the scheduler thread decodes (tokenize: any thread).
-        self.backend: Backend = backend or LlamaBackend(
-            model_path,
-            slots=slots,
-            sequences=self.sequences,
-            context_size=context_size,
-            batch_size=self.token_budget,
-            threads=threads,
-            gpu_layers=gpu_layers,
+        self.backend: Backend = backend(
+            ContextShape(
+                slots=slots,
+                context_size=context_size,
+                sequences=self.sequences,
+                batch_size=self.token_budget,
+            )
         )
         self._fast_sampling = callable(getattr(self.backend, "softmax_sample", None))
         self.kv = KvPool(
@@ -353,9 +271,6 @@ class Engine:
             host_bytes=prefix_cache_ram_bytes if prefix_cache else 0,
             on_evict=metrics.prefix_cache_evictions.inc,
         )
-        self._loaded = False
-        self._avg_latency_s = 1.0
-        self._kv_gauges_at = 0.0
         metrics.slots.set(slots)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -810,70 +725,93 @@ class Engine:
     def _step(self) -> None:
         """One decode step: the pending token of every decoding sequence, then prefill chunks
         while the token budget lasts; then sample every sequence that got logits."""
-        backend = self.backend
-        budget = self.token_budget
         self._resolve_waits()
-        batch: list[BatchToken] = []
-        outputs: list[tuple[int, _Sequence]] = []  # (batch index, sequence)
-        decoded: list[_Sequence] = []  # sequences with their pending token in the batch
-        prefilled: list[tuple[_Sequence, int, int]] = []  # (sequence, prompt from, to)
+        plan = self._plan_step()
+        # The last step's tokens go out now: the event loop handles them during the decode.
+        self._deliver()
+        if not plan.batch:
+            return
+        self._decode(plan.batch)
+        prefill_tokens = self._commit(plan)
+        self.metrics.batch_size.observe(plan.sequences)
+        self.metrics.batch_tokens.observe(len(plan.batch))
+        if prefill_tokens:
+            self.metrics.prompt_tokens.inc(prefill_tokens)
+        now = time.monotonic()
+        self._sample_outputs(plan.outputs, now)
+        self.metrics.generated_tokens.inc(len(plan.outputs))
+        # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
+        # every entry); a step that prefilled, and every release, refresh them at once.
+        if prefill_tokens or now - self._kv_gauges_at >= KV_GAUGE_INTERVAL_S:
+            self._set_kv_usage()
+
+    def _plan_step(self) -> _StepPlan:
+        """The step's batch: the pending token of every decoding sequence first, then prefill
+        chunks of the prompts not yet in the KV until the token budget is spent. A sequence
+        whose prompt its sampler's penalties refuse fails alone here."""
+        budget = self.token_budget
+        plan = _StepPlan()
+        batch = plan.batch
         for seq in self._running.values():
             if seq.next_token is not None:
-                outputs.append((len(batch), seq))
+                plan.outputs.append((len(batch), seq))
                 batch.append((seq.next_token, seq.pos, seq.seq_id, True))
-                decoded.append(seq)
-        sequences = len(outputs)
+                plan.decoded.append(seq)
+        plan.sequences = len(plan.outputs)
         for seq in list(self._running.values()):
             prompt = seq.req.prompt_tokens
             if seq.prompt_i >= len(prompt) or seq.wait is not None or len(batch) >= budget:
                 continue
             if seq.req.params.has_penalties and not seq.accepted:
                 try:
-                    backend.accept(seq.sampler, prompt)
+                    self.backend.accept(seq.sampler, prompt)
                 except Exception as exc:
                     self._fail_sequence(seq, exc)
                     continue
                 seq.accepted = True
-            sequences += 1
+            plan.sequences += 1
             start = seq.prompt_i
             end = min(len(prompt), start + budget - len(batch))
             pos = seq.pos - start
             batch.extend((prompt[i], pos + i, seq.seq_id, False) for i in range(start, end))
             if end == len(prompt):
-                outputs.append((len(batch) - 1, seq))
+                plan.outputs.append((len(batch) - 1, seq))
                 token, position, seq_id, _ = batch[-1]
                 batch[-1] = (token, position, seq_id, True)
-            prefilled.append((seq, start, end))
-        # The last step's tokens go out now: the event loop handles them during the decode.
-        self._deliver()
-        if not batch:
-            return
+            plan.prefilled.append((seq, start, end))
+        return plan
+
+    def _decode(self, batch: list[BatchToken]) -> None:
+        """Decode the batch, evicting cached prefixes while the KV has no room for it."""
         self.kv.make_room(len(batch))
         started = time.perf_counter()
-        rc = backend.decode(batch)
+        rc = self.backend.decode(batch)
         while rc == 1 and self.kv.evict_one():  # no room for the batch after all
-            rc = backend.decode(batch)
+            rc = self.backend.decode(batch)
         self.metrics.decode_step.observe(time.perf_counter() - started)
         if rc != 0:
             raise DecodeFailed(f"llama_decode returned {rc}")
-        # The batch is in the KV now.
-        for seq in decoded:
+
+    def _commit(self, plan: _StepPlan) -> int:
+        """The decoded batch is in the KV now: account for it in every sequence. Returns how
+        many prompt tokens it prefilled."""
+        for seq in plan.decoded:
             seq.entry.commit_one(seq.next_token)  # type: ignore[arg-type]
             seq.next_token = None
             seq.pos += 1
         prefill_tokens = 0
-        for seq, start, end in prefilled:
+        for seq, start, end in plan.prefilled:
             seq.entry.commit(seq.req.prompt_tokens[start:end])
             seq.pos += end - start
             seq.prompt_i = end
             prefill_tokens += end - start
             if end == len(seq.req.prompt_tokens):
                 seq.entry.planned = None
-        self.metrics.batch_size.observe(sequences)
-        self.metrics.batch_tokens.observe(len(batch))
-        if prefill_tokens:
-            self.metrics.prompt_tokens.inc(prefill_tokens)
-        now = time.monotonic()
+        return prefill_tokens
+
+    def _sample_outputs(self, outputs: list[tuple[int, _Sequence]], now: float) -> None:
+        """Sample every sequence that got logits and take its token; a sequence whose sampling
+        or detokenizing fails fails alone."""
         picked: dict[int, int] = {}
         if self._fast_sampling:
             try:
@@ -890,11 +828,6 @@ class Engine:
                 self._accept_token(seq, token, now)
             except Exception as exc:
                 self._fail_sequence(seq, exc)
-        self.metrics.generated_tokens.inc(len(outputs))
-        # Decode-only steps refresh the KV gauges a few times a second (counting cells walks
-        # every entry); a step that prefilled, and every release, refresh them at once.
-        if prefill_tokens or now - self._kv_gauges_at >= KV_GAUGE_INTERVAL_S:
-            self._set_kv_usage()
 
     def _sample_one(self, seq: _Sequence, row: int, index: int, n_outputs: int) -> int:
         """One sequence's token, alone: llama.cpp's chain, or its fast path for one row."""

@@ -9,17 +9,15 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from . import cudadriver, sampling
-from .backend import BatchToken
+from .backend import BackendFactory, BatchToken, ContextShape
 from .cudadriver import Devices
+from .generation import SamplingParams
 from .loadfail import ModelLoadError, check_model_file
-
-if TYPE_CHECKING:
-    from .engine import SamplingParams
 
 # The engine's logger: the load line has always come from there.
 log = logging.getLogger("llamaherd.engine")
@@ -170,6 +168,24 @@ class LlamaBackend:
         self.batch: _Batch | None = None
         self._pieces: list[bytes | None] = []
         self._eog: list[bool | None] = []
+
+    @classmethod
+    def factory(cls, model_path: Path, *, threads: int, gpu_layers: int) -> BackendFactory:
+        """What an :class:`~llamaherd_server.engine.Engine` is built with to run this model on
+        llama.cpp: it makes the backend for the context shape it needs."""
+
+        def make(shape: ContextShape) -> LlamaBackend:
+            return cls(
+                model_path,
+                slots=shape.slots,
+                context_size=shape.context_size,
+                sequences=shape.sequences,
+                batch_size=shape.batch_size,
+                threads=threads,
+                gpu_layers=gpu_layers,
+            )
+
+        return make
 
     # ---- lifecycle -------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Sampling without a pass over the vocabulary per sequence through llama.cpp's sampler API.
 
-For the two commonest requests the engine samples the logits of every sequence of a step
-together, on a numpy view of llama.cpp's output buffer:
+For the two commonest requests (:func:`sampling_mode` tells which path a request takes) the
+engine samples the logits of every sequence of a step together, on a numpy view of llama.cpp's
+output buffer:
 
 * temperature 0 (greedy): one ``argmax`` over the rows;
 * plain temperature sampling (the API's default: temperature > 0, no top-k, top-p or min-p,
@@ -24,15 +25,36 @@ of their finite values. Seeds follow llama.cpp: reduced to 32 bits, and the all-
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 import numpy as np
+
+from .generation import SamplingParams
 
 BLOCK = 256
 # Temperatures below this sample greedily (every path: here and llama.cpp's chains).
 GREEDY_BELOW = 1e-5
 # llama.cpp's LLAMA_DEFAULT_SEED: a seed of -1 (or 2**32 - 1) asks for a random one.
 RANDOM_SEED = 0xFFFFFFFF
+
+
+class SamplingMode(enum.Enum):
+    GREEDY = "greedy"  # temperature 0: the argmax
+    SOFTMAX = "softmax"  # plain temperature sampling
+    CHAIN = "chain"  # anything else: llama.cpp's sampler chain
+
+
+def sampling_mode(p: SamplingParams) -> SamplingMode:
+    """Which sampler a request needs: the engine samples GREEDY and SOFTMAX sequences of a step
+    together (argmax_rows, softmax_sample_rows), CHAIN ones one by one through llama.cpp."""
+    if p.has_penalties:
+        return SamplingMode.CHAIN
+    if p.temperature < GREEDY_BELOW:
+        return SamplingMode.GREEDY
+    if p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0:
+        return SamplingMode.SOFTMAX
+    return SamplingMode.CHAIN
 
 
 def request_seed(seed: int | None) -> int | None:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from llamaherd_server.engine import (
+from llamaherd_server.generation import (
     EngineFailed,
     Failed,
     Finished,
-    QueueFull,
     SamplingParams,
     TextChunk,
 )
+from llamaherd_server.queue import QueueFull
 
 from ..conftest import wait_for
 
@@ -215,7 +215,8 @@ def test_utf8_characters_split_across_tokens_are_never_split_in_the_stream(
     # The generator's vocabulary puts byte b at token 5 + b.
     assert all(engine.token_bytes(5 + b) == bytes([b]) for b in range(256))
 
-    from llamaherd_server.engine import GenerationRequest, SamplingParams, _Sequence
+    from llamaherd_server.engine import _Sequence
+    from llamaherd_server.generation import GenerationRequest
     from llamaherd_server.kvcache import KvEntry
 
     chunks: list[str] = []

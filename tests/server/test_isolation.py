@@ -13,7 +13,7 @@ import pytest
 
 from llamaherd_server import bridge
 from llamaherd_server.api import chat_prompt_tokens
-from llamaherd_server.engine import Failed, Finished
+from llamaherd_server.generation import Failed, Finished
 
 from ..conftest import wait_for
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaherd_server.engine import Failed, Finished
+from llamaherd_server.generation import Failed, Finished
 from llamaherd_server.kvcache import common_prefix
 
 from ..conftest import wait_for

@@ -9,24 +9,17 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from llamaherd_server.backend import Backend, BatchToken
-from llamaherd_server.engine import (
-    Engine,
-    Event,
-    Failed,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    TextChunk,
-)
+from llamaherd_server.backend import Backend, BatchToken, ContextShape
+from llamaherd_server.engine import Engine
+from llamaherd_server.generation import Failed, Finished, SamplingParams
 from llamaherd_server.metrics import ServerMetrics
 from tests.conftest import wait_for
+from tests.harness.engine import EngineDriver, Tracked
 
 EOS = 1
 GENERATED = 7  # the one token the fake ever samples: never EOS, so requests run to max_tokens
@@ -53,6 +46,7 @@ class FakeBackend:
         self.copies: list[tuple[int, int, int, int]] = []
         self.live_samplers: set[int] = set()
         self.freed = False
+        self.shapes: list[ContextShape] = []  # what the engine asked the factory for
         self._ids = itertools.count()
 
     def load(self) -> None:
@@ -112,55 +106,18 @@ def _is_a_backend(backend: FakeBackend) -> Backend:
     return backend  # mypy checks that the fake follows the protocol
 
 
-@dataclass
-class Tracked:
-    req: GenerationRequest
-    events: list[Event] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
+class Harness(EngineDriver):
+    """The driver, with the fake backend, submitting prompts of made-up tokens by name."""
 
-    @property
-    def tokens(self) -> int:
-        return sum(e.n_tokens for e in self.events if isinstance(e, TextChunk))
-
-    @property
-    def result(self) -> Finished | Failed:
-        assert self.done.wait(30), "request did not finish"
-        last = self.events[-1]
-        assert isinstance(last, Finished | Failed)
-        return last
-
-
-class Harness:
     def __init__(self, engine: Engine, backend: FakeBackend) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.backend = backend
-        self.finished: list[str] = []  # names, in the order the requests ended
-        self._lock = threading.Lock()
 
-    def submit(self, name: str, prompt_len: int = 4, priority: int = 0, **params: Any) -> Tracked:
-        holder: list[Tracked] = []
-
-        def emit(event: Event) -> None:
-            tracked = holder[0]
-            tracked.events.append(event)
-            if not isinstance(event, TextChunk):
-                with self._lock:
-                    self.finished.append(name)
-                tracked.done.set()
-
-        req = GenerationRequest(
-            prompt_tokens=[2 + i % 200 for i in range(prompt_len)],
-            params=SamplingParams(**params),
-            emit=emit,
-            priority=priority,
-        )
-        holder.append(Tracked(req))
-        self.engine.submit(req)
-        return holder[0]
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.engine.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else value
+    def submit(  # type: ignore[override]
+        self, name: str, prompt_len: int = 4, priority: int = 0, **params: Any
+    ) -> Tracked:
+        prompt = [2 + i % 200 for i in range(prompt_len)]
+        return super().submit(prompt, priority, name=name, **params)
 
 
 @pytest.fixture
@@ -173,9 +130,12 @@ def make_engine() -> Iterator[Any]:
         # The requests here share their prompts; prefix sharing is tested on its own below.
         kwargs.setdefault("prefix_cache", False)
         backend = FakeBackend(step_s)
-        engine = Engine(
-            Path("fake.gguf"), ServerMetrics(slots), backend=_is_a_backend(backend), **kwargs
-        )
+
+        def make_backend(shape: ContextShape) -> Backend:
+            backend.shapes.append(shape)
+            return _is_a_backend(backend)
+
+        engine = Engine(Path("fake.gguf"), ServerMetrics(slots), backend=make_backend, **kwargs)
         engine.load()
         engines.append(engine)
         return Harness(engine, backend)
@@ -278,3 +238,12 @@ def test_close_frees_the_backend(make_engine: Any) -> None:
     assert isinstance(h.submit("one", max_tokens=2).result, Finished)
     h.engine.close()
     assert h.backend.freed
+
+
+def test_the_engine_makes_its_backend_for_the_context_it_needs(make_engine: Any) -> None:
+    h = make_engine(slots=3, context_size=128, token_budget=2, prefix_cache=True)
+    # Every decoding sequence needs one token of each batch: the budget is at least the slots;
+    # the prefix cache adds two sequence ids per slot for cached prefixes.
+    shape = ContextShape(slots=3, context_size=128, sequences=9, batch_size=3)
+    assert h.backend.shapes == [shape]
+    assert make_engine(slots=3, prefix_cache=False).backend.shapes[0].sequences == 3
