@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from .engine import Failed
+from .generation import Failed
 from .protocol import error_body
 
 
