@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 
 from tests.harness import MissingBinaryError, free_port
+from tests.harness.process import ManagedProcess, server_command
 
 if TYPE_CHECKING:
     # Imported where used: the control plane's harness needs cryptography, which the server
@@ -56,25 +55,32 @@ def small_model() -> Path:
 
 @dataclass
 class ServerProcess:
-    proc: subprocess.Popen[bytes]
+    """A server started by :func:`start_server`: its :class:`ManagedProcess` and its port."""
+
+    process: ManagedProcess
     port: int
-    log_path: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process.proc is not None, "the server was not started"
+        return self.process.proc
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
+
+    def tail(self, lines: int = 60) -> str:
+        return self.process.tail(lines)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.process.stop()
         return self.proc.returncode
 
 
@@ -88,41 +94,23 @@ def start_server(
 ) -> ServerProcess:
     """``python -m llamaherd_server`` as a real process on a free loopback port."""
     port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "llamaherd_server",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    full_env = {**os.environ, **(env or {})}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = ServerProcess(proc, port, log_path)
+    process = ManagedProcess(
+        server_command(model, port, *args),
+        log_dir / f"server-{port}.log",
+        name="server",
+        env=env or {},
+        cwd=None,
+    )
+    server = ServerProcess(process.start(), port)
     if wait_ready:
         wait_until_ready(server, timeout)
     return server
 
 
 def wait_until_ready(server: ServerProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise AssertionError(f"server exited with {server.proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise AssertionError(f"server not ready after {timeout}s:\n{server.log()}")
+    """Until ``/ready`` answers 200; :class:`ProcessFailed` if the server exits first or
+    ``timeout`` passes (it is then stopped)."""
+    server.process.wait_http_ok(server.url + "/ready", timeout)
 
 
 @pytest.fixture

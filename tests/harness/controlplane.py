@@ -42,6 +42,7 @@ from tests.harness import (
     free_port,
     wait_port_free,
 )
+from tests.harness.process import ManagedProcess
 
 # DESIGN.md network rules: cluster ranges come from 198.18.0.0/15, never from RFC 1918.
 SERVICE_CIDR = "198.19.0.0/16"
@@ -185,48 +186,43 @@ def _kubeconfig(server: str, ca: _KeyPair, user: _KeyPair, name: str) -> str:
 
 @dataclass
 class _Process:
-    """One control-plane binary started in its own process group."""
+    """One control-plane binary started in a session (so a process group) of its own, its
+    log appended to ``log``."""
 
     name: str
     argv: list[str]
     log: Path
     ports: list[int]
-    popen: subprocess.Popen[bytes] | None = None
-    pid: int = 0
+    process: ManagedProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = ManagedProcess(
+            self.argv, self.log, name=self.name, cwd=None, append=True, new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process.proc is not None else 0
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            out.write(f"\n=== {dt.datetime.now().isoformat()} {' '.join(self.argv)}\n".encode())
-            out.flush()
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid = self.popen.pid
+            out.write(f"\n=== {dt.datetime.now().isoformat()} {' '.join(self.argv)}".encode())
+        self.process.start()
 
     def exited(self) -> int | None:
-        """The exit code if the process has ended, else None."""
-        if self.popen is not None:
-            return self.popen.poll()
-        return None if _alive(self.pid) else -1
+        """The exit code if the process has ended (-1 if it never started), else None."""
+        return self.process.returncode if self.process.proc is not None else -1
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.pid:
+        if self.process.alive():
             _kill_group(self.pid, self.argv[0], timeout)
-        if self.popen is not None:
-            self.popen.wait(timeout=timeout)
+        self.process.stop(timeout)  # reaps it (and signals it, should the group kill miss it)
         for port in self.ports:
             wait_port_free(port, timeout)
-        self.popen, self.pid = None, 0
+        self.process.proc = None
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return self.process.tail(lines)
 
 
 def _alive(pid: int) -> bool:

@@ -14,8 +14,6 @@ whole stand-in; the registry, the watch, the pick and the proxy are the producti
 from __future__ import annotations
 
 import ipaddress
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 import httpx
 
 from llamaherd_gateway.registry import Endpoint
-from tests.harness import REPO_ROOT, free_port, wait_until
+from tests.harness import free_port
+from tests.harness.process import ManagedProcess
 
 POD_NETWORK = ipaddress.ip_network("198.18.0.0/15")
 
@@ -52,11 +51,23 @@ def pod_address(index: int) -> str:
 
 @dataclass
 class GatewayProcess:
+    """``python -m tests.harness.gateway`` on a free loopback port (a new one at each start),
+    its log appended to ``log_path``."""
+
     kubeconfig: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    process: ManagedProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = ManagedProcess(
+            [sys.executable, "-m", "tests.harness.gateway"],
+            self.log_path,
+            name="gateway",
+            stop_timeout_s=15,
+            append=True,
+        )
 
     @property
     def url(self) -> str:
@@ -64,46 +75,27 @@ class GatewayProcess:
 
     def start(self) -> GatewayProcess:
         self.port = free_port()
-        env = {
-            **os.environ,
+        self.process.env = {
             "KUBECONFIG": str(self.kubeconfig),
             "LLAMAHERD_GATEWAY_HOST": "127.0.0.1",
             "LLAMAHERD_GATEWAY_PORT": str(self.port),
             **self.env,
         }
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.harness.gateway"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO_ROOT,
-            )
-        wait_until(self.ready, timeout=60, what=f"gateway ready (log {self.log_path})")
+        self.process.start().wait_ready(self.ready, timeout_s=60)
         return self
 
     def ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.tail()}")
+        self.process.check_alive()
         return httpx.get(self.url + "/ready", timeout=2).status_code == 200
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=5).text
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self.process.stop()
 
     def tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return self.process.tail(lines)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import httpx
 
 from tests.harness import REPO_ROOT, free_port, wait_port_free, wait_until
+from tests.harness.process import ManagedProcess
 
 PROMETHEUS_BINARY = Path(os.environ.get("LLAMAHERD_PROMETHEUS", "/usr/bin/prometheus"))
 Sample = dict[str, Any]  # one element of a PromQL vector: {"metric": {...}, "value": [ts, "v"]}
@@ -45,7 +44,7 @@ class Prometheus:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         self.logs_dir = logs_dir or REPO_ROOT / ".artifacts" / "prometheus-logs" / stamp
         self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process: ManagedProcess | None = None
         self._client: httpx.Client | None = None
 
     @property
@@ -75,14 +74,18 @@ class Prometheus:
             "--web.enable-lifecycle",
             "--storage.tsdb.retention.time=1h",
         ]
-        with self.log.open("ab") as out:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        self._process = ManagedProcess(
+            argv,
+            self.log,
+            name="prometheus",
+            cwd=None,
+            stop_timeout_s=15.0,
+            append=True,
+            new_session=True,
+        ).start()
         self._client = httpx.Client(base_url=self.url, timeout=5)
         try:
-            wait_until(self._ready, timeout=timeout, what=f"Prometheus /-/ready ({self.log})")
+            self._process.wait_ready(self._ready, timeout_s=timeout)
         except BaseException:
             self.stop()
             raise
@@ -93,17 +96,9 @@ class Prometheus:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self._proc is not None:
-            for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self._proc.pid, sig)
-                    self._proc.wait(timeout=grace)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            self._proc = None
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
             wait_port_free(self.port)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -162,13 +157,8 @@ class Prometheus:
         )
 
     def _ready(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {self._proc.returncode}; see {self.log}")
         assert self._client is not None
-        try:
-            return self._client.get("/-/ready").status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self._client.get("/-/ready").status_code == 200
 
     def _config(self) -> dict[str, Any]:
         return {
