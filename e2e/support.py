@@ -312,6 +312,18 @@ def wait_condition(
     )
 
 
+def deploy(kube: Kube, service: Obj, *, pods: int = 0, scaling_active: bool = False) -> list[Obj]:
+    """Apply ``service`` (an :func:`inference_service`) and wait until it is Ready; with
+    ``scaling_active``, until the autoscaler reads its metrics too (Prometheus scrapes the pod:
+    wait for it before any load is sent); then until ``pods`` of its pods are Ready (returned)."""
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    kube.apply(service)
+    wait_condition(kube, name, namespace, "Ready", timeout=300)
+    if scaling_active:
+        wait_condition(kube, name, namespace, "ScalingActive", timeout=180)
+    return wait_ready_pods(kube, name, namespace, pods) if pods else []
+
+
 def ready_pods(kube: Kube, name: str, namespace: str) -> list[Obj]:
     return [p for p in kube.pods(namespace, server_selector(name)) if pod_ready(p)]
 
@@ -475,6 +487,37 @@ class LoadPod:
         assert phase == "Succeeded", f"load pod {self.name} ended {phase}: {out.raw[-3000:]}"
         assert out.summary or out.once, f"load pod printed no summary: {out.raw[-3000:]}"
         return out
+
+
+def start_load(kube: Kube, namespace: str, args: list[str]) -> LoadPod:
+    """A :class:`LoadPod` running ``args`` (:func:`load_args`), started and seen running (the
+    time it was first seen running is its ``started_at``)."""
+    load = LoadPod(kube, namespace, args).start()
+    load.wait_running()
+    return load
+
+
+def load_service(
+    kube: Kube,
+    name: str,
+    namespace: str,
+    *,
+    concurrency: int,
+    requests: int,
+    duration: float,
+    max_tokens: int,
+) -> LoadPod:
+    """:func:`start_load` with chat requests to the InferenceService's own endpoint (its
+    Service): the load under which the tests change something."""
+    endpoint = get_lhis(kube, name, namespace)["status"]["endpoint"]
+    args = load_args(
+        endpoint,
+        concurrency=concurrency,
+        requests=requests,
+        duration=duration,
+        max_tokens=max_tokens,
+    )
+    return start_load(kube, namespace, args)
 
 
 def load_args(

@@ -8,18 +8,17 @@ from collections.abc import Callable
 import pytest
 
 from e2e.conftest import Chart
-from e2e.kube import Kube, wait_for
+from e2e.kube import Kube, Obj, wait_for
 from e2e.support import (
     SCALE_UP_REASONS,
-    LoadPod,
     Models,
     ReplicaWatch,
+    deploy,
     get_lhis,
     inference_service,
     lhis_state,
-    load_args,
+    load_service,
     scaling_story,
-    wait_condition,
 )
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +34,13 @@ AUTOSCALING = {
 }
 
 
+def autoscaled_service(name: str, namespace: str, models: Models) -> Obj:
+    """The small model's InferenceService, autoscaled by AUTOSCALING from one replica."""
+    return inference_service(
+        name, namespace, models, file="small.gguf", replicas=None, autoscaling=AUTOSCALING
+    )
+
+
 @pytest.mark.timeout(900)
 def test_load_scales_up_and_back_down(
     kube: Kube,
@@ -47,23 +53,13 @@ def test_load_scales_up_and_back_down(
     never above maxReplicas; after the load it returns to minReplicas; the decisions and Events
     tell the story."""
     name = "scaler"
-    kube.apply(
-        inference_service(
-            name, namespace, models, file="small.gguf", replicas=None, autoscaling=AUTOSCALING
-        )
-    )
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    # Prometheus scrapes the pod and the autoscaler reads it before any load is sent.
-    wait_condition(kube, name, namespace, "ScalingActive", timeout=180)
-
+    deploy(kube, autoscaled_service(name, namespace, models), scaling_active=True)
     watch = ReplicaWatch(kube, name, namespace)
-    endpoint = get_lhis(kube, name, namespace)["status"]["endpoint"]
-    load = LoadPod(
-        kube,
-        namespace,
-        load_args(endpoint, concurrency=8, requests=600, duration=180, max_tokens=64),
-    ).start()
-    started = load.wait_running()
+    load = load_service(
+        kube, name, namespace, concurrency=8, requests=600, duration=180, max_tokens=64
+    )
+    assert load.started_at is not None
+    started = load.started_at
 
     wait_for(
         lambda: watch.sample()[2] >= 2,

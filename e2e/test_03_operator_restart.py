@@ -13,18 +13,16 @@ from e2e.support import (
     AUTOSCALER_REASONS,
     OPERATOR_SELECTOR,
     RELEASE_NAMESPACE,
-    LoadPod,
     Models,
     ReplicaWatch,
+    deploy,
     get_lhis,
-    inference_service,
     lhis_state,
-    load_args,
+    load_service,
     operator_pod,
     scaling_story,
-    wait_condition,
 )
-from e2e.test_02_autoscaling import AUTOSCALING
+from e2e.test_02_autoscaling import AUTOSCALING, autoscaled_service
 
 pytestmark = pytest.mark.e2e
 
@@ -41,22 +39,11 @@ def test_operator_restart_under_load(
     count while the load runs; the new operator posts its own decisions and, after the load,
     scales back to minReplicas, keeping the decisions made before the restart."""
     name = "restart"
-    kube.apply(
-        inference_service(
-            name, namespace, models, file="small.gguf", replicas=None, autoscaling=AUTOSCALING
-        )
-    )
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    wait_condition(kube, name, namespace, "ScalingActive", timeout=180)
-
+    deploy(kube, autoscaled_service(name, namespace, models), scaling_active=True)
     watch = ReplicaWatch(kube, name, namespace)
-    endpoint = get_lhis(kube, name, namespace)["status"]["endpoint"]
-    load = LoadPod(
-        kube,
-        namespace,
-        load_args(endpoint, concurrency=8, requests=800, duration=240, max_tokens=64),
-    ).start()
-    load.wait_running()
+    load = load_service(
+        kube, name, namespace, concurrency=8, requests=800, duration=240, max_tokens=64
+    )
 
     def scaled_up() -> bool:
         spec, deployment, _ = watch.sample()

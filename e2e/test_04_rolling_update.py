@@ -7,15 +7,13 @@ import pytest
 from e2e.conftest import Chart
 from e2e.kube import Kube, condition, wait_for
 from e2e.support import (
-    LoadPod,
     Models,
+    deploy,
     get_lhis,
     inference_service,
     lhis_state,
-    load_args,
+    load_service,
     server_selector,
-    wait_condition,
-    wait_ready_pods,
 )
 
 pytestmark = pytest.mark.e2e
@@ -30,20 +28,15 @@ def test_rolling_update_under_load(
     """Changing spec.server.maxWaitMs rolls every pod while a client pod sends requests: every
     request gets a complete answer (all its tokens), none fails, and the service stays Ready."""
     name = "rollout"
-    kube.apply(inference_service(name, namespace, models, replicas=2, server={"maxWaitMs": 5}))
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    old_pods = {p["metadata"]["name"] for p in wait_ready_pods(kube, name, namespace, 2)}
+    service = inference_service(name, namespace, models, replicas=2, server={"maxWaitMs": 5})
+    old_pods = {p["metadata"]["name"] for p in deploy(kube, service, pods=2)}
     deployment = kube.get("deployment", name, namespace)
     assert deployment is not None
     old_hash = deployment["spec"]["template"]["metadata"]["annotations"][SPEC_HASH]
 
-    endpoint = get_lhis(kube, name, namespace)["status"]["endpoint"]
-    load = LoadPod(
-        kube,
-        namespace,
-        load_args(endpoint, concurrency=4, requests=3000, duration=300, max_tokens=32),
-    ).start()
-    load.wait_running()
+    load = load_service(
+        kube, name, namespace, concurrency=4, requests=3000, duration=300, max_tokens=32
+    )
     at_patch = len(load.wait_ok(5).ok)
 
     kube.patch("lhis", name, namespace, {"spec": {"server": {"maxWaitMs": 20}}})

@@ -7,15 +7,12 @@ import pytest
 from e2e.conftest import Chart
 from e2e.kube import Kube, wait_for
 from e2e.support import (
-    LoadPod,
     Models,
-    get_lhis,
+    deploy,
     inference_service,
     lhis_state,
-    load_args,
+    load_service,
     ready_pods,
-    wait_condition,
-    wait_ready_pods,
 )
 
 pytestmark = pytest.mark.e2e
@@ -35,17 +32,10 @@ def test_pod_deleted_under_load(
     (readiness, preStop) before it drains, so every request it accepted completes and the
     Deployment replaces it."""
     name = "victim"
-    kube.apply(inference_service(name, namespace, models, replicas=2))
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    pods = wait_ready_pods(kube, name, namespace, 2)
-
-    endpoint = get_lhis(kube, name, namespace)["status"]["endpoint"]
-    load = LoadPod(
-        kube,
-        namespace,
-        load_args(endpoint, concurrency=4, requests=3000, duration=300, max_tokens=32),
-    ).start()
-    load.wait_running()
+    pods = deploy(kube, inference_service(name, namespace, models, replicas=2), pods=2)
+    load = load_service(
+        kube, name, namespace, concurrency=4, requests=3000, duration=300, max_tokens=32
+    )
     load.wait_ok(5)
 
     victim = pods[0]["metadata"]["name"]

@@ -13,6 +13,7 @@ from e2e.support import (
     RELEASE_NAMESPACE,
     Models,
     ReplicaWatch,
+    deploy,
     get_lhis,
     inference_service,
     lhis_state,
@@ -69,9 +70,8 @@ def test_prometheus_down_holds_replicas(
     back, ScalingActive turns True and scaling resumes (down to minReplicas, as there is no
     load)."""
     name = "blind"
-    kube.apply(inference_service(name, namespace, models, replicas=None, autoscaling=AUTOSCALING))
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    wait_condition(kube, name, namespace, "ScalingActive", timeout=180)
+    service = inference_service(name, namespace, models, replicas=None, autoscaling=AUTOSCALING)
+    deploy(kube, service, scaling_active=True)
 
     _scale_prometheus(kube, 0)
     wait_for(

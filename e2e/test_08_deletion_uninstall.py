@@ -14,10 +14,9 @@ from e2e.support import (
     RELEASE,
     RELEASE_NAMESPACE,
     Models,
+    deploy,
     inference_service,
     server_selector,
-    wait_condition,
-    wait_ready_pods,
 )
 from e2e.test_02_autoscaling import AUTOSCALING
 
@@ -52,9 +51,11 @@ def test_delete_then_uninstall(kube: Kube, operator: Chart, models: Models, name
     Service and PodDisruptionBudget; `helm uninstall` then removes the operator and
     everything the release made, and leaves the CRD (Helm never deletes crds/)."""
     name = "doomed"
-    kube.apply(inference_service(name, namespace, models, replicas=2, autoscaling=AUTOSCALING))
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    wait_ready_pods(kube, name, namespace, 1)
+    deploy(
+        kube,
+        inference_service(name, namespace, models, replicas=2, autoscaling=AUTOSCALING),
+        pods=1,
+    )
     obj = kube.get(LHIS, name, namespace)
     assert obj is not None
     uid = obj["metadata"]["uid"]

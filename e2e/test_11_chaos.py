@@ -29,6 +29,7 @@ from e2e.support import (
     LoadPod,
     LoadResult,
     Models,
+    deploy,
     gateway_pods,
     gateway_requests,
     inference_service,
@@ -41,8 +42,7 @@ from e2e.support import (
     restart_counts,
     served_requests,
     server_selector,
-    wait_condition,
-    wait_ready_pods,
+    start_load,
 )
 from e2e.test_10_gateway import gateway_get
 
@@ -87,6 +87,42 @@ def wait_gateway_endpoints(kube: Kube, namespace: str, name: str, count: int) ->
         description=f"the gateway routing {namespace}/{name} to {count} ready replicas",
         state=lambda: gateway_get(kube, "/v1/models"),
     )
+
+
+def deploy_behind_gateway(kube: Kube, service: Obj, *, pods: int) -> list[Obj]:
+    """:func:`deploy` ``service`` with ``pods`` Ready pods, and wait until the gateway routes
+    to all of them."""
+    ready = deploy(kube, service, pods=pods)
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    wait_gateway_endpoints(kube, namespace, name, pods)
+    return ready
+
+
+def stream_through_gateway(
+    kube: Kube,
+    namespace: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    duration: float,
+    max_tokens: int,
+    failure_backoff: float = 0.0,
+) -> LoadPod:
+    """:func:`start_load` streaming chat completions of ``model`` through the gateway, each
+    with a prompt of its own (no prefix affinity)."""
+    args = load_args(
+        GATEWAY_URL,
+        model=model,
+        stream=True,
+        unique_prompts=True,
+        concurrency=concurrency,
+        requests=requests,
+        duration=duration,
+        max_tokens=max_tokens,
+        failure_backoff=failure_backoff,
+    )
+    return start_load(kube, namespace, args)
 
 
 def in_flight(kube: Kube, pod: Obj) -> tuple[int, int]:
@@ -143,30 +179,19 @@ def test_replica_killed_mid_stream_fails_only_its_own_requests(
     than it had in flight, and the gateway picks it for no request after it saw it go."""
     wait_gateway_ready(kube)
     name = "chaos"
-    kube.apply(
-        inference_service(
-            name, namespace, models, file="small.gguf", replicas=2, server=LONG_STREAMS
-        )
+    service = inference_service(
+        name, namespace, models, file="small.gguf", replicas=2, server=LONG_STREAMS
     )
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    wait_ready_pods(kube, name, namespace, 2)
-    wait_gateway_endpoints(kube, namespace, name, 2)
-
-    load = LoadPod(
+    deploy_behind_gateway(kube, service, pods=2)
+    load = stream_through_gateway(
         kube,
         namespace,
-        load_args(
-            GATEWAY_URL,
-            model=name,
-            stream=True,
-            unique_prompts=True,
-            concurrency=4,
-            requests=300,
-            duration=300,
-            max_tokens=LONG_STREAM_TOKENS,
-        ),
-    ).start()
-    load.wait_running()
+        name,
+        concurrency=4,
+        requests=300,
+        duration=300,
+        max_tokens=LONG_STREAM_TOKENS,
+    )
     load.wait_ok(2, timeout=240)
 
     def busy_replica() -> tuple[Obj, int, int] | None:
@@ -325,27 +350,11 @@ def test_poison_requests_fail_alone_and_crash_nothing(
     alias = "poison-alias"  # the poison requests' model name, to find them in the gateway's log
     service = inference_service(name, namespace, models, file="tiny.gguf", replicas=2)
     service["spec"]["gateway"] = {"servedModelNames": [alias]}
-    kube.apply(service)
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    pods = wait_ready_pods(kube, name, namespace, 2)
-    wait_gateway_endpoints(kube, namespace, name, 2)
+    pods = deploy_behind_gateway(kube, service, pods=2)
     restarts = restart_counts(pods)
-
-    normal = LoadPod(
-        kube,
-        namespace,
-        load_args(
-            GATEWAY_URL,
-            model=name,
-            stream=True,
-            unique_prompts=True,
-            concurrency=3,
-            requests=300,
-            duration=240,
-            max_tokens=48,
-        ),
-    ).start()
-    normal.wait_running()
+    normal = stream_through_gateway(
+        kube, namespace, name, concurrency=3, requests=300, duration=240, max_tokens=48
+    )
     normal.wait_ok(3)
 
     posts = poison_requests()
@@ -505,36 +514,21 @@ def test_gateway_restarted_under_load(
     the new gateway is ready and the Service sends to it succeeds."""
     wait_gateway_ready(kube)
     name = "steady"
-    kube.apply(
-        inference_service(
-            name,
-            namespace,
-            models,
-            file="small.gguf",
-            replicas=1,
-            server={"slots": 4, "threads": 1, "contextSize": 512},
-        )
+    server = {"slots": 4, "threads": 1, "contextSize": 512}
+    service = inference_service(
+        name, namespace, models, file="small.gguf", replicas=1, server=server
     )
-    wait_condition(kube, name, namespace, "Ready", timeout=300)
-    wait_ready_pods(kube, name, namespace, 1)
-    wait_gateway_endpoints(kube, namespace, name, 1)
-
-    load = LoadPod(
+    deploy_behind_gateway(kube, service, pods=1)
+    load = stream_through_gateway(
         kube,
         namespace,
-        load_args(
-            GATEWAY_URL,
-            model=name,
-            stream=True,
-            unique_prompts=True,
-            concurrency=4,
-            requests=1000,
-            duration=400,
-            max_tokens=128,
-            failure_backoff=0.5,
-        ),
-    ).start()
-    load.wait_running()
+        name,
+        concurrency=4,
+        requests=1000,
+        duration=400,
+        max_tokens=128,
+        failure_backoff=0.5,
+    )
     load.wait_ok(4)
     rounds = [restart_gateway(kube, load, name, force=force) for force in (False, True)]
     load.stop()
