@@ -2,7 +2,9 @@
 client): routes by the ``model`` field, holds requests for a service with no ready replica,
 picks a replica (:mod:`llamaherd_gateway.picker`), retries only where the replica cannot have
 started the request, ejects replicas that keep failing (:mod:`llamaherd_gateway.outliers`), and
-streams the answer through unchanged (SSE included).
+streams the answer through unchanged (SSE included). What to do with a request (which service
+and replica, hold or refuse, try again or not) is decided by the pure functions of
+:mod:`llamaherd_gateway.routing`; this module gathers their inputs and does the I/O.
 
 The replicas are reached with aiohttp (its C HTTP parser): measured on a stream of SSE chunks,
 the gateway spends about 70 us of CPU per chunk with it against 125-150 us with httpx, CPU
@@ -26,12 +28,13 @@ from typing import Any
 
 import aiohttp
 
-from llamaherd_gateway import picker
+from llamaherd_gateway import picker, routing
 from llamaherd_gateway.keys import KeyFile, PriorityLimits
 from llamaherd_gateway.logs import log_value
 from llamaherd_gateway.metrics import GatewayMetrics
 from llamaherd_gateway.outliers import OutlierDetector
 from llamaherd_gateway.registry import Endpoint, Key, Registry, ServiceInfo
+from llamaherd_gateway.routing import Chosen, Hold, Refuse
 from llamaherd_gateway.settings import GatewaySettings
 from llamaherd_server.protocol import MAX_PRIORITY, parse_priority
 
@@ -71,35 +74,19 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 UrlFor = Callable[[Endpoint], str]
 
-# How a request to one replica failed before its response headers (failure_kind):
-CONNECT = "connect"  # never connected: refused, connect timeout
-UNSENT = "unsent"  # the connection broke before the request was handed over whole
-UNSTARTED = "unstarted"  # streamed: closed before the headers, which come with a slot
-TIMEOUT = "timeout"  # no response headers within upstream_timeout_seconds
-MAY_HAVE_RUN = "may_have_run"  # closed (or answered garbage) after the whole request went
-RETRYABLE = frozenset({CONNECT, UNSENT, UNSTARTED})
-
 
 def failure_kind(exc: BaseException, handed_over: bool, streamed: bool) -> str:
-    """What a failure before the response headers says about the request.
-
-    Only the first three kinds are retried on another replica: there the replica cannot have
-    started it. It never got the connection (``connect``); or the connection broke before the
-    request was handed over whole (``unsent``: ``handed_over`` turns true as the body's bytes
-    go to the connection, so false means the replica cannot hold the whole request); or, for
-    a streamed request, before any response header: the llamaherd server sends a streamed
-    response's headers only once a slot has taken the request, so before them it was at most
-    queued (``unstarted``). A non-streamed request whose connection closes after it went whole
-    may have run (``may_have_run``): it is never sent to a second replica."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return CONNECT
-    if not handed_over:
-        return UNSENT
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
-        return TIMEOUT
-    if streamed and isinstance(exc, aiohttp.ClientConnectionError):
-        return UNSTARTED
-    return MAY_HAVE_RUN
+    """What a failure before the response headers says about the request
+    (:func:`llamaherd_gateway.routing.classify_failure`, from what aiohttp raised)."""
+    return routing.classify_failure(
+        connected=not isinstance(
+            exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+        ),
+        handed_over=handed_over,
+        timed_out=isinstance(exc, TimeoutError),  # aiohttp's ServerTimeoutError is one too
+        closed=isinstance(exc, aiohttp.ClientConnectionError),
+        streamed=streamed,
+    )
 
 
 class RequestBody(aiohttp.BytesPayload):
@@ -147,9 +134,6 @@ def upstream_session(settings: GatewaySettings) -> aiohttp.ClientSession:
     )
 
 
-SCALE_RETRY_S = 2.0
-
-
 class GatewayError(Exception):
     """An answer from the gateway itself, OpenAI-style."""
 
@@ -168,12 +152,34 @@ class GatewayError(Exception):
         self.status, self.message, self.outcome = status, message, outcome
         self.type, self.code, self.param, self.retry_after = type, code, param, retry_after
 
+    @classmethod
+    def refusing(cls, refusal: Refuse) -> GatewayError:
+        return cls(
+            refusal.status,
+            refusal.message,
+            refusal.outcome,
+            type=refusal.type,
+            code=refusal.code,
+            param=refusal.param,
+            retry_after=refusal.retry_after,
+        )
+
     def body(self) -> bytes:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         return json.dumps({"error": error}).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", str(self.retry_after).encode())] if self.retry_after else []
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """What goes to a replica, whichever replica it is."""
+
+    path: str
+    headers: list[tuple[str, str]]
+    payload: bytes
+    streamed: bool
 
 
 @dataclass
@@ -242,6 +248,9 @@ class Gateway:
         self.others: dict[Endpoint, int] = {}
         self._poller: asyncio.Task[None] | None = None
         self.held = 0
+        self.hold_limits = routing.HoldLimits(
+            settings.max_held_requests, settings.hold_timeout_seconds, settings.retry_after_seconds
+        )
         self._scaling: dict[Key, asyncio.Task[bool]] = {}
         self._scale_tried: dict[Key, float] = {}
 
@@ -359,17 +368,17 @@ class Gateway:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the client went away: stop, and close the upstream request
                 task.cancel()
-                outcome.outcome = "ok" if outcome.answered else "cancelled"
+                outcome.outcome = routing.unfinished_outcome(outcome.answered, "cancelled")
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if task.cancelled():  # also when the client left while sending the body
-                outcome.outcome = "ok" if outcome.answered else "cancelled"
+                outcome.outcome = routing.unfinished_outcome(outcome.answered, "cancelled")
         except GatewayError as err:
             outcome.status, outcome.outcome = err.status, err.outcome
             if not started_response:
                 await _send(send, err.status, err.body(), extra=err.headers())
         except OSError:  # the client's socket broke while we wrote to it
-            outcome.outcome = "ok" if outcome.answered else "cancelled"
+            outcome.outcome = routing.unfinished_outcome(outcome.answered, "cancelled")
         except Exception:  # a fault of the gateway's own: this request fails alone, in JSON
             log.exception("request failed in the gateway")
             outcome.status, outcome.outcome = 500, "error"
@@ -432,78 +441,74 @@ class Gateway:
     async def _forward(self, scope: Scope, raw: bytes, send: Send, o: Outcome) -> None:
         big = len(raw) >= OFF_LOOP_BYTES  # parsed and written by a worker thread
         body = await asyncio.to_thread(_parse, raw) if big else _parse(raw)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise GatewayError(
-                400,
-                "the request names no model: the field 'model' must be a non-empty string",
-                "bad_request",
-                param="model",
-            )
-        o.model = model
-        services = self.registry.backends(model)
-        if not services:
-            raise GatewayError(
-                404,
-                f"The model '{model}' does not exist: no InferenceService serves it here "
-                "(GET /v1/models lists the models)",
-                "not_found",
-                param="model",
-                code="model_not_found",
-            )
+        named = body.get("model")
+        model = o.model = named if isinstance(named, str) else ""
+        services = self.registry.backends(model) if model else []
+        refusal = routing.model_refusal(model, services)
+        if refusal is not None:
+            raise GatewayError.refusing(refusal)
         o.known = True
         path = scope["path"]
         headers, changes = self._upstream_headers(scope, body)
         streamed = body.get("stream") is True
         key = picker.affinity_key(path, body, self.settings.affinity_prefix_chars)
-        service, endpoints = self._ready_choice(services)
-        if service is None:
-            service, endpoints = await self._hold(model, services, o)
-        o.service = service
-        labels = (service.namespace, service.name)
-        if model != service.name:  # the server answers only to its own name
-            changes["model"] = service.name
+        chosen = self._choose(services) or await self._hold(model, services, o)
+        o.service = chosen.service
+        if model != chosen.service.name:  # the server answers only to its own name
+            changes["model"] = chosen.service.name
         payload = raw
         if changes:
             payload = await asyncio.to_thread(_dump, body, changes) if big else _dump(body, changes)
+        await self._try_replicas(
+            chosen, key, UpstreamRequest(path, headers, payload, streamed), send, o
+        )
+
+    async def _try_replicas(
+        self, chosen: Chosen, key: str, request: UpstreamRequest, send: Send, o: Outcome
+    ) -> None:
+        """Send to one replica after another while they cannot have started the request, at
+        most ``retries`` times more than once (:func:`llamaherd_gateway.routing.attempt`)."""
+        service = chosen.service
+        labels = (service.namespace, service.name)
         tried: set[Endpoint] = set()
-        deadline = time.monotonic() + self.settings.hold_timeout_seconds
+        until = time.monotonic() + self.settings.hold_timeout_seconds
         for attempt in range(self.settings.retries + 1):
-            candidates = [ep for ep in self._in_service(endpoints) if ep not in tried]
-            if not candidates:  # the endpoints may have changed; else the ejected, before waiting
-                current = self.registry.endpoints(service.key)
-                candidates = [ep for ep in self._in_service(current) if ep not in tried] or [
-                    ep for ep in current if ep not in tried
-                ]
-            if not candidates and tried:
+            decision = self._attempt(chosen, key, tried, until)
+            while isinstance(decision, Hold):
                 # Every ready replica refused: the endpoints are behind (a pod died). Wait, as a
                 # hold does and within its bound, for one not tried yet.
-                candidates = await self._wait_for_another(service, tried, deadline)
-            if not candidates:
-                break
-            by_url = {ep.url: ep for ep in candidates}
-            loads = {url: self.load(ep) + self.outliers.failures(ep) for url, ep in by_url.items()}
-            url, reason = picker.pick_replica(
-                key, loads, self.settings.affinity_load_factor, self.rng
-            )
-            endpoint = by_url[url]
-            o.endpoint, o.reason = endpoint, reason
-            self.metrics.picks.labels(*labels, reason).inc()
+                fresh = await self._wait_for_another(service, tried, decision.until)
+                decision = self._attempt(chosen, key, tried, until, fresh)
+            if isinstance(decision, Refuse):
+                raise GatewayError.refusing(decision)
+            o.endpoint, o.reason = decision.endpoint, decision.reason
+            self.metrics.picks.labels(*labels, decision.reason).inc()
             if attempt:
                 o.retries += 1
                 self.metrics.retries.labels(*labels).inc()
-            tried.add(endpoint)
-            if await self._send_to(
-                endpoint, service, path, headers, payload, streamed, send, o, labels
-            ):
+            tried.add(decision.endpoint)
+            if await self._send_to(decision.endpoint, service, request, send, o):
                 return
-        raise GatewayError(
-            502,
-            f"no replica of {service.namespace}/{service.name} accepted the request "
-            f"(tried {len(tried)})",
-            "unavailable",
-            type="server_error",
-            code="upstream_unavailable",
+        raise GatewayError.refusing(routing.no_replica_accepted(service, len(tried)))
+
+    def _attempt(
+        self,
+        chosen: Chosen,
+        key: str,
+        tried: set[Endpoint],
+        until: float,
+        fresh: list[Endpoint] | None = None,
+    ) -> routing.Decision:
+        """The next try, over the endpoints not tried yet (``fresh`` after a wait for one)."""
+        if fresh is None:
+            current = self.registry.endpoints(chosen.service.key)
+            pct = self.settings.outlier_max_ejection_percent
+            fresh = routing.candidates(chosen.endpoints, current, tried, self._ejected(), pct)
+        loads = {ep: self.load(ep) + self.outliers.failures(ep) for ep in fresh}
+        factor = self.settings.affinity_load_factor
+        now = time.monotonic()
+        return routing.attempt(
+            key, chosen.service, fresh, tried, loads, factor, now, until, self.rng
         )
 
     def _upstream_headers(
@@ -541,17 +546,15 @@ class Gateway:
             return default
         return self.priority_limits.limit_for(_header(scope, b"authorization"), default)
 
-    def _in_service(self, endpoints: list[Endpoint]) -> list[Endpoint]:
-        """The endpoints outlier detection leaves in (never fewer than its floor)."""
-        if self.registry.version != self._outliers_version:  # forget endpoints that are gone
+    def _ejected(self) -> dict[Endpoint, float]:
+        """The endpoints outlier detection holds out now (each with when it was ejected); the
+        state of endpoints that are gone is forgotten first."""
+        if self.registry.version != self._outliers_version:
             self._outliers_version = self.registry.version
             self.outliers.forget(
                 ep for key in self.registry.services for ep in self.registry.endpoints(key)
             )
-        ejected = self.outliers.ejected()
-        if not ejected:
-            return endpoints
-        return picker.in_service(endpoints, ejected, self.settings.outlier_max_ejection_percent)
+        return self.outliers.ejected()
 
     def _failed(self, endpoint: Endpoint, service: ServiceInfo, why: str) -> None:
         """Count a failure against ``endpoint``; eject it when that makes enough in a row and
@@ -586,7 +589,7 @@ class Gateway:
         gauge.inc()
         try:
             while True:
-                fresh = [ep for ep in self.registry.endpoints(service.key) if ep not in tried]
+                fresh = routing.untried(self.registry.endpoints(service.key), tried)
                 left = deadline - time.monotonic()
                 if fresh or left <= 0:
                     return fresh
@@ -600,95 +603,32 @@ class Gateway:
         self,
         endpoint: Endpoint,
         service: ServiceInfo,
-        path: str,
-        headers: list[tuple[str, str]],
-        payload: bytes,
-        streamed: bool,
+        request: UpstreamRequest,
         send: Send,
         o: Outcome,
-        labels: tuple[str, str],
     ) -> bool:
         """Forward to one replica; False when it cannot have started the request (the caller
         may try another), a GatewayError when it may have (never tried again)."""
+        labels = (service.namespace, service.name)
         self.outstanding[endpoint] = self.outstanding.get(endpoint, 0) + 1
         self.metrics.outstanding.labels(*labels).inc()
         try:
             sent = time.monotonic()
-            body = RequestBody(payload)
+            body = RequestBody(request.payload)
             try:
                 response = await self.http.post(
-                    self.url_for(endpoint) + path, data=body, headers=headers
+                    self.url_for(endpoint) + request.path, data=body, headers=request.headers
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                kind = failure_kind(exc, body.handed_over, streamed)
-                self._failed(endpoint, service, kind)
-                where = f"replica {endpoint.address}:{endpoint.port}"
-                if kind in RETRYABLE:
-                    log.warning("%s failed before it started it (%s): %r", where, kind, exc)
-                    return False
-                if kind == TIMEOUT:
-                    raise GatewayError(
-                        504,
-                        f"{where} did not answer in {self.settings.upstream_timeout_seconds:g}s",
-                        "unavailable",
-                        type="server_error",
-                        code="upstream_timeout",
-                    ) from exc
-                raise GatewayError(
-                    502,
-                    f"{where} failed after the request was sent ({exc!r}); it may have run, so "
-                    "it is not sent again",
-                    "unavailable",
-                    type="server_error",
-                    code="upstream_error",
-                ) from exc
+                kind = failure_kind(exc, body.handed_over, request.streamed)
+                return self._unanswered(endpoint, service, kind, exc)
             self.metrics.upstream_latency.labels(*labels).observe(time.monotonic() - sent)
-            if response.status >= 500:
+            if routing.counts_as_failure(response.status):
                 self._failed(endpoint, service, f"status {response.status}")
             else:
                 self.outliers.success(endpoint)
-            finished = False
-            try:
-                o.status = response.status
-                o.outcome = (
-                    "ok"
-                    if response.status < 400
-                    else "upstream_4xx"
-                    if response.status < 500
-                    else "upstream_5xx"
-                )
-                out_headers = [
-                    (k, v) for k, v in response.raw_headers if k.lower() not in HOP_BY_HOP
-                ]
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status,
-                        "headers": out_headers,
-                    }
-                )
-                try:
-                    async for chunk in response.content.iter_any():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        o.answered = ends_stream(chunk[-32:])
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    # Started: never retried. The response is left unfinished, so the client's
-                    # connection closes without the end of the body and it sees the break
-                    # (unless it already has the whole answer: then only the end is missing).
-                    o.outcome = "ok" if o.answered else "upstream_broken"
-                    self._failed(endpoint, service, "broke mid-response")
-                    log.warning(
-                        "replica %s:%s broke mid-response: %r", endpoint.address, endpoint.port, exc
-                    )
-                    return True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                finished = True
-                return True
-            finally:
-                if finished:
-                    response.release()  # read to the end: the connection goes back to the pool
-                else:
-                    response.close()  # cancelled or broken: close it, the server sees it go
+            await self._relay(response, endpoint, service, send, o)
+            return True
         finally:
             left = self.outstanding.get(endpoint, 1) - 1
             if left > 0:
@@ -696,6 +636,59 @@ class Gateway:
             else:
                 self.outstanding.pop(endpoint, None)
             self.metrics.outstanding.labels(*labels).dec()
+
+    def _unanswered(
+        self, endpoint: Endpoint, service: ServiceInfo, kind: str, exc: BaseException
+    ) -> bool:
+        """A try that failed (``kind``) before the response headers: False when another
+        replica may be tried, else the GatewayError to answer with."""
+        self._failed(endpoint, service, kind)
+        where = f"replica {endpoint.address}:{endpoint.port}"
+        timeout_s = self.settings.upstream_timeout_seconds
+        refusal = routing.after_failure(kind, where, repr(exc), timeout_s)
+        if refusal is None:
+            log.warning("%s failed before it started it (%s): %r", where, kind, exc)
+            return False
+        raise GatewayError.refusing(refusal) from exc
+
+    async def _relay(
+        self,
+        response: aiohttp.ClientResponse,
+        endpoint: Endpoint,
+        service: ServiceInfo,
+        send: Send,
+        o: Outcome,
+    ) -> None:
+        """Pass the replica's answer on as it comes. Once started it is never tried again."""
+        finished = False
+        try:
+            o.status = response.status
+            o.outcome = routing.answer_outcome(response.status)
+            out_headers = [(k, v) for k, v in response.raw_headers if k.lower() not in HOP_BY_HOP]
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": out_headers}
+            )
+            try:
+                async for chunk in response.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    o.answered = ends_stream(chunk[-32:])
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Started: never retried. The response is left unfinished, so the client's
+                # connection closes without the end of the body and it sees the break
+                # (unless it already has the whole answer: then only the end is missing).
+                o.outcome = routing.unfinished_outcome(o.answered, "upstream_broken")
+                self._failed(endpoint, service, "broke mid-response")
+                log.warning(
+                    "replica %s:%s broke mid-response: %r", endpoint.address, endpoint.port, exc
+                )
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finished = True
+        finally:
+            if finished:
+                response.release()  # read to the end: the connection goes back to the pool
+            else:
+                response.close()  # cancelled or broken: close it, the server sees it go
 
     def load(self, endpoint: Endpoint) -> int:
         return self.outstanding.get(endpoint, 0) + self.others.get(endpoint, 0)
@@ -727,59 +720,33 @@ class Gateway:
             self.others[endpoint] = max(0, reported - own)
 
     # ---- picking a service, holding ----
-    def _ready_choice(
-        self, services: list[ServiceInfo]
-    ) -> tuple[ServiceInfo | None, list[Endpoint]]:
+    def _choose(self, services: list[ServiceInfo]) -> Chosen | None:
         """A service by weight among those with a ready endpoint, and its endpoints."""
-        ready = [(s, eps) for s in services if (eps := self.registry.endpoints(s.key))]
-        if not ready:
-            return None, []
-        if len(ready) == 1:
-            return ready[0]
-        return picker.pick_weighted(ready, [s.weight for s, _ in ready], self.rng)
+        ready = {s.key: self.registry.endpoints(s.key) for s in services}
+        return routing.choose_service(services, ready, self.rng)
 
-    async def _hold(
-        self, model: str, services: list[ServiceInfo], o: Outcome
-    ) -> tuple[ServiceInfo, list[Endpoint]]:
+    async def _hold(self, model: str, services: list[ServiceInfo], o: Outcome) -> Chosen:
         """Wait for a ready replica, raising a service from zero; bounded in time and number.
         The request counts for the service it waits for, refused or not."""
-        retry_after = self.settings.retry_after_seconds
-        target = picker.pick_weighted(services, [s.weight for s in services], self.rng)
-        o.service = target
-        if self.held >= self.settings.max_held_requests:
-            raise GatewayError(
-                503,
-                f"no ready replica for model '{model}' and {self.held} requests already wait "
-                f"(max_held_requests {self.settings.max_held_requests}); retry later",
-                "hold_full",
-                type="server_error",
-                code="hold_full",
-                retry_after=retry_after,
-            )
+        target = o.service = routing.hold_target(services, self.rng)
+        started = time.monotonic()
+        hold = routing.admit_hold(model, self.held, self.hold_limits, started)
+        if isinstance(hold, Refuse):
+            raise GatewayError.refusing(hold)
         gauge = self.metrics.held.labels(target.namespace, target.name)
         self.held += 1
         gauge.inc()
-        started = time.monotonic()
-        deadline = started + self.settings.hold_timeout_seconds
         try:
             while True:
-                service, endpoints = self._ready_choice(self.registry.backends(model) or services)
-                if service is not None:
-                    return service, endpoints
+                chosen = self._choose(self.registry.backends(model) or services)
+                if chosen is not None:
+                    return chosen
                 self._wake(self.registry.services.get(target.key, target))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GatewayError(
-                        503,
-                        f"no ready replica for model '{model}' within the hold time "
-                        f"({self.settings.hold_timeout_seconds:g}s); retry later",
-                        "hold_timeout",
-                        type="server_error",
-                        code="hold_timeout",
-                        retry_after=retry_after,
-                    )
+                wait = routing.keep_holding(model, hold, self.hold_limits, time.monotonic())
+                if isinstance(wait, Refuse):
+                    raise GatewayError.refusing(wait)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, SCALE_RETRY_S)):
+                    async with asyncio.timeout(wait):
                         await self.registry.wait_changed()
         finally:
             self.held -= 1
@@ -789,19 +756,17 @@ class Gateway:
 
     def _wake(self, service: ServiceInfo) -> None:
         """Raise an autoscaled service at zero replicas to one, once at a time per service."""
-        if (
-            self.scale_up is None
-            or not self.settings.scale_from_zero
-            or service.replicas > 0
-            or not service.autoscaled
+        task = self._scaling.get(service.key)
+        now = time.monotonic()
+        if not routing.should_wake(
+            service,
+            enabled=self.scale_up is not None and self.settings.scale_from_zero,
+            scaling=task is not None and not task.done(),
+            last_tried=self._scale_tried.get(service.key),
+            now=now,
         ):
             return
-        task = self._scaling.get(service.key)
-        if task is not None and not task.done():
-            return
-        if time.monotonic() - self._scale_tried.get(service.key, -1e9) < SCALE_RETRY_S:
-            return
-        self._scale_tried[service.key] = time.monotonic()
+        self._scale_tried[service.key] = now
         self._scaling[service.key] = asyncio.create_task(self._scale(service))
 
     async def _scale(self, service: ServiceInfo) -> bool:

@@ -30,11 +30,6 @@ from llamaherd_gateway.logs import log_value
 from llamaherd_gateway.metrics import GatewayMetrics
 from llamaherd_gateway.outliers import OutlierDetector
 from llamaherd_gateway.proxy import (
-    CONNECT,
-    MAY_HAVE_RUN,
-    TIMEOUT,
-    UNSENT,
-    UNSTARTED,
     Gateway,
     RequestBody,
     ends_stream,
@@ -42,6 +37,7 @@ from llamaherd_gateway.proxy import (
     upstream_session,
 )
 from llamaherd_gateway.registry import Endpoint, Registry, model_table, service_info
+from llamaherd_gateway.routing import CONNECT, MAY_HAVE_RUN, TIMEOUT, UNSENT, UNSTARTED
 from llamaherd_gateway.settings import GatewaySettings
 from llamaherd_server.logs import TextFormatter
 
