@@ -20,8 +20,11 @@ import random
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loadgen import FIRST_PLAIN_TOKEN
 
 from llamaherd_server.engine import (
     Engine,
@@ -31,9 +34,81 @@ from llamaherd_server.engine import (
     SamplingParams,
     TextChunk,
 )
+from llamaherd_server.llama_backend import LlamaBackend
 from llamaherd_server.metrics import ServerMetrics
 
-FIRST_PLAIN_TOKEN = 259
+# ---- the Engine without HTTP (bench/gpu_checks.py and bench/step_bench.py use these too) ----
+
+
+def load_engine(
+    model: Path, slots: int, *, threads: int, gpu_layers: int = 0, **options: Any
+) -> Engine:
+    """An Engine on llama.cpp with ``slots`` sequences and metrics of its own, loaded;
+    ``options``: the other Engine arguments (context_size, token_budget, ...). An engine from
+    before the backend factory (``step_bench.py`` measures other checkouts too) takes the
+    threads and GPU layers itself."""
+    factory = getattr(LlamaBackend, "factory", None)
+    if factory is not None:
+        options["backend"] = factory(model, threads=threads, gpu_layers=gpu_layers)
+    else:
+        options.update(threads=threads, gpu_layers=gpu_layers)
+    engine = Engine(model, ServerMetrics(slots), slots=slots, **options)
+    engine.load()
+    return engine
+
+
+def random_prompt(rng: random.Random, engine: Engine, tokens: int) -> list[int]:
+    """``tokens`` random ids of plain tokens (no specials, no byte tokens)."""
+    return [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(tokens)]
+
+
+@dataclass
+class Tracked:
+    """One request's events: text chunks (text, tokens, time) and how it ended."""
+
+    submitted: float = 0.0
+    chunks: list[tuple[str, int, float]] = field(default_factory=list)
+    end: Finished | Failed | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.chunks[0][2] if self.chunks else None
+
+    @property
+    def finished_at(self) -> float | None:
+        return self.chunks[-1][2] if self.chunks else None
+
+    @property
+    def text(self) -> str:
+        return "".join(c[0] for c in self.chunks)
+
+    @property
+    def token_times(self) -> list[float]:
+        """When each chunk that carried tokens came."""
+        return [at for _, n, at in self.chunks if n]
+
+
+def submit(engine: Engine, prompt: list[int], params: SamplingParams) -> Tracked:
+    tracked = Tracked(submitted=time.perf_counter())
+
+    def emit(event: Any) -> None:
+        if isinstance(event, TextChunk):
+            tracked.chunks.append((event.text, event.n_tokens, time.perf_counter()))
+        else:
+            tracked.end = event
+            tracked.done.set()
+
+    engine.submit(GenerationRequest(prompt_tokens=prompt, params=params, emit=emit))
+    return tracked
+
+
+def wait_all(tracked: list[Tracked], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    return all(t.done.wait(max(0.0, deadline - time.monotonic())) for t in tracked)
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
 
 
 def run_batch(
@@ -46,46 +121,20 @@ def run_batch(
 ) -> dict:
     """``sampling``: SamplingParams fields (default temperature 0.8, top-k 40)."""
     rng = random.Random(seed)
-    times: list[list[float]] = [[] for _ in range(batch)]
-    all_done = threading.Event()
-    finished: list[int] = []
-    failures: list[str] = []
-
-    def emitter(i: int) -> Any:
-        def emit(event: Any) -> None:
-            if isinstance(event, TextChunk) and event.n_tokens:
-                times[i].append(time.perf_counter())
-            elif isinstance(event, Finished | Failed):
-                if isinstance(event, Failed):
-                    failures.append(event.message)
-                finished.append(i)  # the engine thread is the only writer
-                if len(finished) == batch:
-                    all_done.set()
-
-        return emit
-
     # One decode step per generated token after the first (sampled from the prefill logits).
     chosen = sampling if sampling is not None else {"temperature": 0.8, "top_k": 40}
     params = SamplingParams(max_tokens=gen_tokens + 1, ignore_eos=True, **chosen)
-    reqs = [
-        GenerationRequest(
-            prompt_tokens=[
-                rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(prompt_tokens)
-            ],
-            params=params,
-            emit=emitter(i),
-        )
-        for i in range(batch)
-    ]
+    prompts = [random_prompt(rng, engine, prompt_tokens) for _ in range(batch)]
     registry = engine.metrics.registry
     decode_before = registry.get_sample_value("llamaherd_decode_step_seconds_sum") or 0.0
     started = time.perf_counter()
-    for req in reqs:
-        engine.submit(req)
-    if not all_done.wait(timeout=600):
+    tracked = [submit(engine, prompt, params) for prompt in prompts]
+    if not wait_all(tracked, 600):
         raise RuntimeError(f"batch of {batch} did not finish in 600 s")
+    failures = [t.end.message for t in tracked if isinstance(t.end, Failed)]
     if failures:
         raise RuntimeError(f"engine failed: {failures[0]}")
+    times = [t.token_times for t in tracked]
     first = max(t[0] for t in times)
     last = max(t[-1] for t in times)
     decode_s = (
@@ -121,16 +170,14 @@ def main() -> None:
     args = parser.parse_args()
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine(
+    engine = load_engine(
         args.model,
-        ServerMetrics(args.slots),
-        slots=args.slots,
+        args.slots,
         context_size=args.context_size,
         token_budget=args.token_budget,
         threads=args.threads,
         gpu_layers=args.gpu_layers,
     )
-    engine.load()
     try:
         run_batch(engine, max(batches), args.prompt_tokens, 8, seed=0)  # warm-up
         out: dict[str, Any] = {}

@@ -40,7 +40,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
-import run as bench
+import run as serving
+from common import RESULTS, Server, free_port, log, running, server_command
 
 TARGET_RATIO = 1.2
 WORDS = ["llama", "herd", "queue", "token", "cluster", "stream", "batch", "slot", "prompt"]
@@ -238,41 +239,29 @@ def main() -> None:
         "--burst-rate", type=float, default=4.0, help="near-limit prompts per second"
     )
     parser.add_argument("--max-body-bytes", type=int, default=1_048_576)
-    parser.add_argument("--out", type=Path, default=bench.ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    model = args.model or bench.ensure_model()
-    port = bench.free_port()
+    model = args.model or serving.ensure_model()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="llamaherd-evloop-") as tmp:
-        server = bench.Server(
-            "llamaherd",
-            "llamaherd",
-            [
-                bench.PYTHON,
-                "-m",
-                "llamaherd_server",
-                *("--model", str(model), "--model-name", args.model_name),
-                *("--host", "127.0.0.1", "--port", str(port)),
-                *("--slots", str(bench.SLOTS), "--context-size", str(bench.CONTEXT)),
-                *("--threads", str(bench.THREADS), "--token-budget", str(bench.BATCH)),
-                *("--max-body-bytes", str(args.max_body_bytes), "--log-level", "warning"),
-            ],
+        argv = server_command(
+            model,
             port,
-            "/ready",
-            Path(tmp) / "server.log",
+            *("--model-name", args.model_name),
+            *("--slots", str(serving.SLOTS), "--context-size", str(serving.CONTEXT)),
+            *("--threads", str(serving.THREADS), "--token-budget", str(serving.BATCH)),
+            *("--max-body-bytes", str(args.max_body_bytes), "--log-level", "warning"),
         )
-        server.start()
-        try:
-            server.wait_ready()
+        server = Server("llamaherd", argv, port, Path(tmp) / "server.log", label="llamaherd")
+        with running([server]):
             result = asyncio.run(main_async(args, server.base))
-        finally:
-            server.stop()
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "event_loop.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     p99 = result["itl_p99_ms"]
     ratio = result["itl_p99_ratio"]
     control = result["itl_p99_ratio_vs_control"]
-    bench.log(
+    log(
         f"inter-token p99: {p99['alone']:.1f} ms alone, {p99['control']:.1f} ms with the "
         f"prompts sent to a sink, {p99['with_burst']:.1f} ms with them sent to the server "
         f"({result['with_burst']['burst']['requests']} near-limit prompts, "

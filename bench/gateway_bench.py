@@ -31,8 +31,7 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,100 +46,57 @@ for sub in ("server", "gateway", "operator"):
     sys.path.insert(0, str(REPO / sub))
 sys.path.insert(0, str(HERE))
 
+import common  # noqa: E402  (bench/common.py)
 import loadgen  # noqa: E402  (bench/loadgen.py)
+from common import (  # noqa: E402
+    Server,
+    cpu_seconds,
+    free_port,
+    generated_model,
+    server_command,
+    table_head,
+)
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Process:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    common.log(msg, tag="", err=True)
 
 
 def env() -> dict[str, str]:
     paths = [str(REPO / p) for p in ("gateway", "server", "operator")] + [str(REPO)]
     old = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
+    return {"PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
 
 
-def wait_ready(p: Process, path: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise SystemExit(f"process exited {p.proc.returncode}: see {p.log_path}")
-        try:
-            if httpx.get(p.url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    p.stop()
-    raise SystemExit(f"not ready after {timeout}s: see {p.log_path}")
+def start(
+    name: str, argv: list[str], port: int, logdir: Path, ready_path: str = "/ready"
+) -> Server:
+    """A process of this benchmark, ready (SIGTERM stops it)."""
+    process = Server(
+        name, argv, port, logdir / f"{name}-{port}.log", ready_path, env=env(),
+        stop_signal=signal.SIGTERM,
+    )  # fmt: skip
+    process.start().wait_ready(120.0)
+    return process
 
 
-def start(cmd: list[str], port: int, log_path: Path, ready_path: str) -> Process:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env())
-    p = Process(proc, port, log_path)
-    wait_ready(p, ready_path)
-    return p
-
-
-def start_server(model: Path, name: str, threads: int, slots: int, logdir: Path) -> Process:
+def start_server(model: Path, name: str, threads: int, slots: int, logdir: Path) -> Server:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "llamaherd_server",
-        "--model",
-        str(model),
-        "--model-name",
-        name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--slots",
-        str(slots),
-        "--context-size",
-        "1024",
-        "--threads",
-        str(threads),
-        "--log-level",
-        "warning",
-    ]
-    return start(cmd, port, logdir / f"server-{port}.log", "/ready")
+    argv = server_command(
+        model,
+        port,
+        *("--model-name", name, "--slots", str(slots), "--context-size", "1024"),
+        *("--threads", str(threads), "--log-level", "warning"),
+    )
+    return start("server", argv, port, logdir)
 
 
-def start_gateway(model: str, upstreams: list[str], logdir: Path, **settings: Any) -> Process:
+def start_gateway(model: str, upstreams: list[str], logdir: Path, **settings: Any) -> Server:
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--port", str(port)]
     cmd += ["--model", model, "--upstreams", ",".join(upstreams)]
     cmd += ["--settings", json.dumps(settings)]
-    return start(cmd, port, logdir / f"gateway-{port}.log", "/ready")
+    return start("gateway", cmd, port, logdir)
 
 
 # ---- the gateway process ------------------------------------------------------------------------
@@ -208,21 +164,29 @@ def point_summary(results: list[loadgen.RequestResult], wall: float, max_tokens:
     }
 
 
+async def completions(
+    target: Server, workload: loadgen.Workload | SharedPrefix, concurrency: int, n: int, first: int
+) -> tuple[list[loadgen.RequestResult], float]:
+    """``n`` streamed completions for model ``m`` to ``target``, ``concurrency`` at a time."""
+    return await loadgen.closed_loop(
+        target.base + "/v1/completions",
+        lambda i: workload.payload(i, "m"),
+        concurrency=concurrency,
+        n_requests=n,
+        first_index=first,
+    )
+
+
 async def run_overhead(args: argparse.Namespace, model: Path, logdir: Path) -> dict[str, Any]:
     server = start_server(model, "m", args.threads, max(args.concurrency), logdir)
-    gateway = start_gateway("m", [server.url], logdir)
+    gateway = start_gateway("m", [server.base], logdir)
     workload = loadgen.Workload(
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, vocab=args.vocab
     )
     points: list[dict[str, Any]] = []
     try:
         for target in (server, gateway):  # warm both paths
-            await loadgen.closed_loop(
-                target.url + "/v1/completions",
-                lambda i: workload.payload(i, "m"),
-                concurrency=2,
-                n_requests=4,
-            )
+            await completions(target, workload, 2, 4, 0)
         index = 10_000
         for concurrency in args.concurrency:
             n = max(args.requests, 2 * concurrency)
@@ -233,13 +197,7 @@ async def run_overhead(args: argparse.Namespace, model: Path, logdir: Path) -> d
                 if repeat % 2:
                     order.reverse()  # neither path always runs first
                 for label, target in order:
-                    results, wall = await loadgen.closed_loop(
-                        target.url + "/v1/completions",
-                        lambda i: workload.payload(i, "m"),
-                        concurrency=concurrency,
-                        n_requests=n,
-                        first_index=index,
-                    )
+                    results, wall = await completions(target, workload, concurrency, n, index)
                     index += n
                     runs[label].append(point_summary(results, wall, args.max_tokens))
             for label, parts in runs.items():
@@ -331,7 +289,7 @@ async def random_service(
 async def run_routing(args: argparse.Namespace, model: Path, logdir: Path) -> dict[str, Any]:
     threads = max(1, args.threads // 2)
     servers = [start_server(model, "m", threads, 8, logdir) for _ in range(2)]
-    urls = [s.url for s in servers]
+    urls = [s.base for s in servers]
     affinity = start_gateway("m", urls, logdir)
     least = start_gateway("m", urls, logdir, affinity_prefix_chars=0)
     workload = SharedPrefix(
@@ -346,13 +304,7 @@ async def run_routing(args: argparse.Namespace, model: Path, logdir: Path) -> di
                 results, wall = await random_service(urls, workload, concurrency, n, index)
             else:
                 target = affinity if label == "gateway-affinity" else least
-                results, wall = await loadgen.closed_loop(
-                    target.url + "/v1/completions",
-                    lambda i: workload.payload(i, "m"),
-                    concurrency=concurrency,
-                    n_requests=n,
-                    first_index=index,
-                )
+                results, wall = await completions(target, workload, concurrency, n, index)
             index += n
             rows[label] = point_summary(results, wall, args.max_tokens)
             log(
@@ -360,7 +312,7 @@ async def run_routing(args: argparse.Namespace, model: Path, logdir: Path) -> di
                 f"{_ms(rows[label]['ttft_p50_ms'])} p95 {_ms(rows[label]['ttft_p95_ms'])}, "
                 f"errors {rows[label]['errors']} {rows[label]['error_samples'][:1]}"
             )
-        picks = httpx.get(affinity.url + "/metrics", timeout=5).text
+        picks = httpx.get(affinity.base + "/metrics", timeout=5).text
         rows["affinity_picks"] = [
             line for line in picks.splitlines() if line.startswith("llamaherd_gateway_picks_total")
         ]
@@ -399,11 +351,6 @@ def stand_in_replica(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def drain(url: str, n: int, concurrency: int) -> None:
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
@@ -422,16 +369,16 @@ def run_cpu(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "replica", "--port", str(port)]
     cmd += ["--chunks", str(args.chunks), "--gap-ms", str(args.gap_ms)]
-    replica = start(cmd, port, logdir / f"replica-{port}.log", "/")
-    gateway = start_gateway("m", [replica.url], logdir)
+    replica = start("replica", cmd, port, logdir, "/")
+    gateway = start_gateway("m", [replica.base], logdir)
     try:
-        url = gateway.url + "/v1/completions"
+        url = gateway.base + "/v1/completions"
         asyncio.run(drain(url, 4, 2))  # warm
-        before = cpu_seconds(gateway.proc.pid)
+        before = cpu_seconds(gateway.pid)
         started = time.perf_counter()
         asyncio.run(drain(url, args.cpu_requests, 4))
         wall = time.perf_counter() - started
-        used = cpu_seconds(gateway.proc.pid) - before
+        used = cpu_seconds(gateway.pid) - before
     finally:
         gateway.stop()
         replica.stop()
@@ -459,11 +406,10 @@ def run_cpu(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = []
     if "overhead" in result:
-        lines += [
-            "| streams | direct tok/s | gateway tok/s | ratio "
-            "| TTFT p50 direct | gateway | delta |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        lines += table_head(
+            *("streams", "direct tok/s", "gateway tok/s", "ratio", "TTFT p50 direct"),
+            *("gateway", "delta"),
+        )
         for row in result["overhead"]["points"]:
             d, g = row["direct"], row["gateway"]
             lines.append(
@@ -480,7 +426,7 @@ def table(result: dict[str, Any]) -> str:
             f"chunks (uvloop {cpu['uvloop']}, httptools {cpu['httptools']})",
         ]
     if "routing" in result:
-        lines += ["", "| routing | tok/s | TTFT p50 | TTFT p95 | errors |", "|---|---|---|---|---|"]
+        lines += ["", *table_head("routing", "tok/s", "TTFT p50", "TTFT p95", "errors")]
         for label, row in result["routing"].items():
             if not isinstance(row, dict):
                 continue
@@ -498,14 +444,7 @@ def _ms(value: float | None, signed: bool = False) -> str:
 
 
 def ensure_model(preset: str) -> Path:
-    from llamaherd_server import ggufgen
-
-    cache = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd"))
-    path = cache / "models" / f"gateway-bench-{preset}.gguf"
-    if not path.exists():
-        log(f"generating the {preset} model into {path}")
-        ggufgen.write_model(path, ggufgen.PRESETS[preset])
-    return path
+    return generated_model(f"gateway-bench-{preset}", ["--preset", preset], f"the {preset} model")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

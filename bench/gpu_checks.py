@@ -20,26 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import run as bench_run  # bench/run.py: this script's folder is on sys.path
+from common import batch_distribution, llamaherd_hist
+from engine_bench import load_engine, random_prompt, submit, wait_all
 from prometheus_client import generate_latest
 
-from llamaherd_server.engine import (
-    Engine,
-    Failed,
-    Finished,
-    GenerationRequest,
-    SamplingParams,
-    TextChunk,
-)
-from llamaherd_server.metrics import ServerMetrics
+from llamaherd_server.engine import Engine, Failed, Finished, SamplingParams
 
-FIRST_PLAIN_TOKEN = 259
 PROMPTS = [
     "Explain topic 0",
     "the model is here and the queue is long",
@@ -50,47 +41,6 @@ PROMPTS = [
     "data in the cloud is fast and small",
     "a question for the assistant: what is a batch",
 ]
-
-
-@dataclass
-class Tracked:
-    """One request's events: text chunks (text, tokens, time) and how it ended."""
-
-    submitted: float = 0.0
-    chunks: list[tuple[str, int, float]] = field(default_factory=list)
-    end: Finished | Failed | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def first_token_at(self) -> float | None:
-        return self.chunks[0][2] if self.chunks else None
-
-    @property
-    def finished_at(self) -> float | None:
-        return self.chunks[-1][2] if self.chunks else None
-
-    @property
-    def text(self) -> str:
-        return "".join(c[0] for c in self.chunks)
-
-
-def submit(engine: Engine, prompt: list[int], params: SamplingParams) -> Tracked:
-    tracked = Tracked(submitted=time.perf_counter())
-
-    def emit(event: Any) -> None:
-        if isinstance(event, TextChunk):
-            tracked.chunks.append((event.text, event.n_tokens, time.perf_counter()))
-        else:
-            tracked.end = event
-            tracked.done.set()
-
-    engine.submit(GenerationRequest(prompt_tokens=prompt, params=params, emit=emit))
-    return tracked
-
-
-def wait_all(tracked: list[Tracked], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    return all(t.done.wait(max(0.0, deadline - time.monotonic())) for t in tracked)
 
 
 def first_divergence(
@@ -113,15 +63,15 @@ def scrape(engine: Engine) -> str:
 
 
 def batch_stats(before: str, after: str) -> dict[str, Any]:
-    """Decode steps and batch sizes between two scrapes (bench/run.py's histogram helpers)."""
-    dist = bench_run.batch_distribution(
-        bench_run.llamaherd_hist(before, "llamaherd_batch_size"),
-        bench_run.llamaherd_hist(after, "llamaherd_batch_size"),
+    """Decode steps and batch sizes between two scrapes (bench/common.py's histogram helpers)."""
+    dist = batch_distribution(
+        llamaherd_hist(before, "llamaherd_batch_size"),
+        llamaherd_hist(after, "llamaherd_batch_size"),
     )
     if dist is None:
         return {"decode_steps": 0, "steps_with_more_than_one_sequence": 0, "mean_batch": None}
-    d0 = bench_run.llamaherd_hist(before, "llamaherd_decode_step_seconds")
-    d1 = bench_run.llamaherd_hist(after, "llamaherd_decode_step_seconds")
+    d0 = llamaherd_hist(before, "llamaherd_decode_step_seconds")
+    d1 = llamaherd_hist(after, "llamaherd_decode_step_seconds")
     decode_s = d1["sum"] - d0["sum"] if d0 and d1 else None
     return {
         "decode_steps": dist["steps"],
@@ -137,12 +87,7 @@ def check_concurrent(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, ignore_eos=True)
     before = scrape(engine)
     started = time.perf_counter()
-    tracked = [
-        submit(
-            engine, [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(32)], params
-        )
-        for _ in range(n)
-    ]
+    tracked = [submit(engine, random_prompt(rng, engine, 32), params) for _ in range(n)]
     complete = wait_all(tracked, 300)
     wall = time.perf_counter() - started
     finished = [t for t in tracked if isinstance(t.end, Finished)]
@@ -170,16 +115,13 @@ def check_join_midway(engine: Engine, n: int, max_tokens: int) -> dict[str, Any]
     rng = random.Random(1)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=40, ignore_eos=True)
 
-    def prompt() -> list[int]:
-        return [rng.randrange(FIRST_PLAIN_TOKEN, engine.n_vocab) for _ in range(32)]
-
-    first = [submit(engine, prompt(), params) for _ in range(n)]
+    first = [submit(engine, random_prompt(rng, engine, 32), params) for _ in range(n)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(
         sum(c[1] for c in t.chunks) >= max_tokens // 4 or t.done.is_set() for t in first
     ):
         time.sleep(0.001)
-    late = [submit(engine, prompt(), params) for _ in range(n)]
+    late = [submit(engine, random_prompt(rng, engine, 32), params) for _ in range(n)]
     complete = wait_all(first + late, 300)
     first_done = min((t.finished_at for t in first if t.finished_at), default=None)
     late_started = [t.first_token_at for t in late if t.first_token_at]
@@ -225,6 +167,74 @@ def check_greedy_alone_vs_batched(engine: Engine, max_tokens: int) -> dict[str, 
     }
 
 
+def say(msg: str) -> None:
+    print(f"[checks] {msg}", flush=True)
+
+
+def describe_concurrent(c: dict[str, Any]) -> str:
+    return (
+        f"{c['requests']} concurrent: {c['finished']} finished, "
+        f"{c['tokens_per_s']:.0f} tok/s, mean batch {c['mean_batch'] or 0:.1f}, "
+        f"{c['steps_with_more_than_one_sequence']}/{c['decode_steps']} steps batched, "
+        f"{c['mean_decode_step_ms'] or 0:.1f} ms per step"
+    )
+
+
+def describe_join_midway(j: dict[str, Any]) -> str:
+    return (
+        f"{j['late']} admitted mid-generation: "
+        f"{j['late_started_before_first_finished']} started before the first "
+        f"{j['first']} finished"
+    )
+
+
+def describe_greedy(g: dict[str, Any]) -> str:
+    return (
+        f"temperature 0, alone vs batched with {g['prompts'] - 1} others: "
+        f"{g['equal']}/{g['prompts']} equal; first diverging tokens: "
+        f"{[r['first_diverging_token'] for r in g['rows']]}"
+    )
+
+
+# (key in the JSON, what it says, what a failed hard check is called; None: recorded only)
+CHECKS: list[tuple[str, Callable[[dict[str, Any]], str], str | None]] = [
+    (
+        "concurrent",
+        describe_concurrent,
+        "16 concurrent requests did not all complete in shared decode steps",
+    ),
+    (
+        "join_midway",
+        describe_join_midway,
+        "requests admitted mid-generation waited for the running batch",
+    ),
+    ("greedy", describe_greedy, None),
+]
+
+
+def run_checks(engine: Engine, args: argparse.Namespace, out: dict[str, Any]) -> list[str]:
+    """Every check into ``out``; returns the hard checks that failed."""
+    failed: list[str] = []
+    devices = getattr(engine.backend, "devices", None)
+    out["devices"] = devices.as_json(args.gpu_layers) if devices is not None else None
+    has_gpu = bool(out["devices"] and out["devices"]["backend"] == "gpu")
+    out["on_gpu"] = has_gpu
+    if args.require_gpu and not has_gpu:
+        failed.append("no GPU device (llama.cpp computes on the CPU)")
+    say(f"devices: {json.dumps(out['devices'])}")
+    checks: dict[str, Callable[[], dict[str, Any]]] = {
+        "concurrent": lambda: check_concurrent(engine, args.slots, args.max_tokens),
+        "join_midway": lambda: check_join_midway(engine, args.slots // 2, 4 * args.max_tokens),
+        "greedy": lambda: check_greedy_alone_vs_batched(engine, args.max_tokens),
+    }
+    for key, describe, failure in CHECKS:
+        out[key] = got = checks[key]()
+        say(describe(got))
+        if failure is not None and not got["ok"]:
+            failed.append(failure)
+    return failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -239,58 +249,17 @@ def main() -> None:
 
     out: dict[str, Any] = {"model": str(args.model), "gpu_layers": args.gpu_layers}
     started = time.perf_counter()
-    engine = Engine(
+    engine = load_engine(
         args.model,
-        ServerMetrics(args.slots),
-        slots=args.slots,
+        args.slots,
         context_size=args.context_size,
         threads=args.threads,
         gpu_layers=args.gpu_layers,
         prefix_cache=False,
     )
-    engine.load()
     out["load_s"] = time.perf_counter() - started
-    failed: list[str] = []
     try:
-        devices = getattr(engine.backend, "devices", None)
-        out["devices"] = devices.as_json(args.gpu_layers) if devices is not None else None
-        has_gpu = bool(out["devices"] and out["devices"]["backend"] == "gpu")
-        out["on_gpu"] = has_gpu
-        if args.require_gpu and not has_gpu:
-            failed.append("no GPU device (llama.cpp computes on the CPU)")
-        print(f"[checks] devices: {json.dumps(out['devices'])}", flush=True)
-
-        out["concurrent"] = check_concurrent(engine, args.slots, args.max_tokens)
-        c = out["concurrent"]
-        print(
-            f"[checks] {c['requests']} concurrent: {c['finished']} finished, "
-            f"{c['tokens_per_s']:.0f} tok/s, mean batch {c['mean_batch'] or 0:.1f}, "
-            f"{c['steps_with_more_than_one_sequence']}/{c['decode_steps']} steps batched, "
-            f"{c['mean_decode_step_ms'] or 0:.1f} ms per step",
-            flush=True,
-        )
-        if not c["ok"]:
-            failed.append("16 concurrent requests did not all complete in shared decode steps")
-
-        out["join_midway"] = check_join_midway(engine, args.slots // 2, 4 * args.max_tokens)
-        j = out["join_midway"]
-        print(
-            f"[checks] {j['late']} admitted mid-generation: "
-            f"{j['late_started_before_first_finished']} started before the first "
-            f"{j['first']} finished",
-            flush=True,
-        )
-        if not j["ok"]:
-            failed.append("requests admitted mid-generation waited for the running batch")
-
-        out["greedy"] = check_greedy_alone_vs_batched(engine, args.max_tokens)
-        g = out["greedy"]
-        print(
-            f"[checks] temperature 0, alone vs batched with {g['prompts'] - 1} others: "
-            f"{g['equal']}/{g['prompts']} equal; first diverging tokens: "
-            f"{[r['first_diverging_token'] for r in g['rows']]}",
-            flush=True,
-        )
+        failed = run_checks(engine, args, out)
     finally:
         engine.close()
     out["failed"] = failed
@@ -298,7 +267,7 @@ def main() -> None:
     out["wall_s"] = time.perf_counter() - started
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"[checks] {'ok' if not failed else 'FAILED: ' + '; '.join(failed)}", flush=True)
+    say("ok" if not failed else "FAILED: " + "; ".join(failed))
     raise SystemExit(0 if not failed else 1)
 
 

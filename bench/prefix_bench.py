@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import platform
 import random
 import sys
@@ -49,8 +50,20 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
-import run
-from run import PYTHON, ROOT, ForeignCpu, Server, free_port, log
+from common import (
+    RESULTS,
+    ForeignCpu,
+    Server,
+    counter,
+    ensure_binaries,
+    free_port,
+    generated_model,
+    llama_server_command,
+    log,
+    running,
+    server_command,
+    table_head,
+)
 
 SLOTS = 16
 CONTEXT = 2048  # per slot: a multi-turn conversation grows to ~1,000 tokens
@@ -187,28 +200,32 @@ async def closed_loop(
 def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
     ports = [free_port() for _ in range(3)]
 
-    def llamaherd(name: str, port: int, extra: list[str]) -> Server:
-        argv = [PYTHON, "-m", "llamaherd_server", "--model", str(model), "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--slots", str(SLOTS), "--context-size", str(CONTEXT)]
-        argv += ["--threads", str(THREADS), "--token-budget", str(BATCH)]
-        argv += ["--log-level", "warning", *extra]
-        return Server(name, name, argv, port, "/ready", logdir / f"{name}.log")
+    def llamaherd(name: str, port: int, *extra: str) -> Server:
+        argv = server_command(
+            model,
+            port,
+            *("--slots", str(SLOTS), "--context-size", str(CONTEXT), "--threads", str(THREADS)),
+            *("--token-budget", str(BATCH), "--log-level", "warning", *extra),
+        )
+        return Server(name, argv, port, logdir / f"{name}.log", label=name)
 
-    llama_server = [str(bindir / "llama-server"), "-m", str(model), "--host", "127.0.0.1"]
-    llama_server += ["--port", str(ports[2]), "-np", str(SLOTS), "-c", str(SLOTS * CONTEXT)]
-    llama_server += ["-t", str(THREADS), "-tb", str(THREADS), "-b", str(BATCH)]
-    llama_server += ["-ub", str(BATCH), "--kv-unified", "--no-webui", "--metrics"]
+    llama_server = llama_server_command(bindir, model, ports[2], SLOTS, CONTEXT, THREADS, BATCH)
     return [
-        llamaherd("llamaherd", ports[0], []),
-        llamaherd("llamaherd-no-cache", ports[1], ["--no-prefix-cache"]),
+        llamaherd("llamaherd", ports[0]),
+        llamaherd("llamaherd-no-cache", ports[1], "--no-prefix-cache"),
         Server(
-            "llama-server", "llama-server", llama_server, ports[2], "/health", logdir / "ls.log"
+            "llama-server",
+            llama_server,
+            ports[2],
+            logdir / "ls.log",
+            "/health",
+            label="llama-server",
         ),
     ]
 
 
 def ensure_model() -> Path:
-    return run.generated_model(
+    return generated_model(
         "prefix-demo-seed0", ["--preset", "demo", "--seed", "0"], "the model (demo shape, ~33M)"
     )
 
@@ -220,15 +237,6 @@ def hit_ratio(results: list[loadgen.RequestResult]) -> float | None:
     if not prompt or all(c is None for c, _ in pairs):
         return None
     return cached / prompt
-
-
-def counter(text: str | None, name: str) -> float | None:
-    if text is None:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
 
 
 async def measure(
@@ -259,11 +267,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [
-        "| workload | streams | system | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | "
-        "cache hits | vs llama-server tok/s | vs llama-server TTFT p50 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_head(
+        *("workload", "streams", "system", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms"),
+        *("cache hits", "vs llama-server tok/s", "vs llama-server TTFT p50"),
+    )
     for name, points in results["workloads"].items():
         for c, systems in points.items():
             base = systems.get("llama-server")
@@ -344,13 +351,70 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    out = ROOT / "bench" / "results" / ("quick/prefix" if args.quick else "prefix")
-    out.mkdir(parents=True, exist_ok=True)
-    model = ensure_model()
-    bindir = run.ensure_binaries()
-    texts = Texts(model)
+def describe(workload: str, c: int, system: str, s: dict[str, Any]) -> str:
+    hits = s.get("hit_ratio_metrics", s.get("hit_ratio_reported"))
+    return (
+        f"{workload:10s} c={c:2d} {system:18s} "
+        f"{s['tokens_per_s']:6.1f} tok/s  TTFT p50 {s['ttft_ms']['p50'] or 0:6.0f}"
+        f" ms  ok {s['ok']}/{s['requests']}  hits "
+        f"{'-' if hits is None else f'{hits:.0%}'}  other CPU "
+        f"{s['foreign_cpu_cores']:.2f}"
+    )
+
+
+async def warm_up(servers: list[Server], model_name: str) -> None:
+    """Load the weights into the page cache; fill no cache."""
+    async with httpx.AsyncClient(trust_env=False, timeout=120) as client:
+        for server in servers:
+            r = await client.post(
+                server.base + "/v1/completions",
+                json={**payload("warm up", 0, model_name), "stream": False},
+            )
+            r.raise_for_status()
+
+
+async def sweep(
+    args: argparse.Namespace, servers: list[Server], workloads: list[Workload], model_name: str
+) -> dict[str, Any]:
+    """Every workload at every concurrency, the systems taking turns (the order rotates)."""
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    pids = [s.pid for s in servers] + [os.getpid()]
+    out: dict[str, Any] = {}
+    first = 1_000
+    for w in workloads:
+        out[w.name] = {}
+        for k, c in enumerate(concurrency):
+            n = max(args.min_requests, args.per_stream * c)
+            if w.name == "multi-turn":
+                n = max(args.min_requests, 6 * c)
+            point: dict[str, Any] = {}
+            order = servers[k % len(servers) :] + servers[: k % len(servers)]
+            for server in order:
+                point[server.name] = await measure(server, w, model_name, c, n, first, pids)
+                log(describe(w.name, c, server.name, point[server.name]))
+            first += 10_000
+            out[w.name][str(c)] = {s.name: point[s.name] for s in servers if s.name in point}
+    return out
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """results.json, results.md (the table and the targets) and ttft.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    md = f"# Prefix-cache benchmark ({results['date']}, {results['machine']})\n\n"
+    md += f"Model {results['model']}, {SLOTS} slots x {CONTEXT} tokens, {THREADS} threads, "
+    md += f"{MAX_TOKENS} output tokens.\n\n{table(results)}\n\n"
+    md += "\n".join(table_head("target", "measured", "bound", "result")) + "\n"
+    md += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in verdicts(results))
+    (out / "results.md").write_text(md)
+    plot(results, out / "ttft.png")
+    log(f"wrote {out}/results.json, results.md, ttft.png")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    model = ensure_model()
+    bindir = ensure_binaries()
+    texts = Texts(model)
     workloads = [Workload(name, texts) for name in args.workloads.split(",")]
     logdir = Path(tempfile.mkdtemp(prefix="llamaherd-prefix-bench-"))
     servers = make_servers(model, bindir, logdir)
@@ -359,7 +423,7 @@ async def main_async(args: argparse.Namespace) -> None:
     model_name = model.name.removesuffix(".gguf")
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {run.os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "model": model.name,
         "slots": SLOTS,
         "context_per_slot": CONTEXT,
@@ -367,55 +431,10 @@ async def main_async(args: argparse.Namespace) -> None:
         "max_tokens": MAX_TOKENS,
         "workloads": {},
     }
-    try:
-        for server in servers:
-            server.start()
-        for server in servers:
-            server.wait_ready()
-        pids = [s.pid for s in servers] + [run.os.getpid()]
-        async with httpx.AsyncClient(trust_env=False, timeout=120) as client:
-            for server in servers:  # load the weights into the page cache, fill no cache
-                r = await client.post(
-                    server.base + "/v1/completions",
-                    json={**payload("warm up", 0, model_name), "stream": False},
-                )
-                r.raise_for_status()
-        first = 1_000
-        for w in workloads:
-            results["workloads"][w.name] = {}
-            for k, c in enumerate(concurrency):
-                n = max(args.min_requests, args.per_stream * c)
-                if w.name == "multi-turn":
-                    n = max(args.min_requests, 6 * c)
-                point: dict[str, Any] = {}
-                order = servers[k % len(servers) :] + servers[: k % len(servers)]
-                for server in order:
-                    s = await measure(server, w, model_name, c, n, first, pids)
-                    point[server.name] = s
-                    hits = s.get("hit_ratio_metrics", s.get("hit_ratio_reported"))
-                    log(
-                        f"{w.name:10s} c={c:2d} {server.name:18s} "
-                        f"{s['tokens_per_s']:6.1f} tok/s  TTFT p50 {s['ttft_ms']['p50'] or 0:6.0f}"
-                        f" ms  ok {s['ok']}/{s['requests']}  hits "
-                        f"{'-' if hits is None else f'{hits:.0%}'}  other CPU "
-                        f"{s['foreign_cpu_cores']:.2f}"
-                    )
-                first += 10_000
-                results["workloads"][w.name][str(c)] = {
-                    name: point[name] for name in [s.name for s in servers] if name in point
-                }
-    finally:
-        for server in servers:
-            server.stop()
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = f"# Prefix-cache benchmark ({results['date']}, {results['machine']})\n\n"
-    md += f"Model {results['model']}, {SLOTS} slots x {CONTEXT} tokens, {THREADS} threads, "
-    md += f"{MAX_TOKENS} output tokens.\n\n{table(results)}\n\n"
-    md += "| target | measured | bound | result |\n|---|---|---|---|\n"
-    md += "".join(f"| {a} | {b} | {c} | {d} |\n" for a, b, c, d in verdicts(results))
-    (out / "results.md").write_text(md)
-    plot(results, out / "ttft.png")
-    log(f"wrote {out}/results.json, results.md, ttft.png")
+    with running(servers):
+        await warm_up(servers, model_name)
+        results["workloads"] = await sweep(args, servers, workloads, model_name)
+    write_results(results, RESULTS / ("quick/prefix" if args.quick else "prefix"))
     print(table(results))
 
 

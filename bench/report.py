@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common import table_head
+
 SYSTEMS = ("llamaherd", "llama-server", "one-at-a-time")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 COLORS = {"llamaherd": "tab:blue", "llama-server": "tab:orange", "one-at-a-time": "tab:gray"}
@@ -43,94 +45,144 @@ def _concurrencies(results: dict[str, Any]) -> list[int]:
     return [int(c) for c in results["meta"]["workload"]["concurrency"]]
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target with the measured value, the bound and pass/MISS."""
-    out: list[dict[str, Any]] = []
+def _target(
+    name: str, value: float | None, bound: float | None, ok: bool | None, unit: str
+) -> dict[str, Any]:
+    return {"target": name, "value": value, "bound": bound, "ok": ok, "unit": unit}
 
-    def add(name: str, value: float | None, bound: float | None, ok: bool | None, unit: str):
-        out.append({"target": name, "value": value, "bound": bound, "ok": ok, "unit": unit})
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None or b == 0 else a / b
+def _at(point: dict[str, Any] | None, *keys: str) -> Any:
+    """``point[key][key]...``, or None without a point."""
+    value: Any = point
+    for key in keys if point else ():
+        value = value[key]
+    return value
 
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _at_least(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value >= bound
+
+
+def _throughput_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for c in _concurrencies(results):
         if c > 16:
             continue
         lh, ls = _closed(results, "llamaherd", c), _closed(results, "llama-server", c)
-        r = ratio(lh and lh["tokens_per_s"], ls and ls["tokens_per_s"])
-        ok = None if r is None else r >= 1.0
-        add(f"throughput llamaherd / llama-server, c={c}", r, 1.0, ok, "x")
+        r = _ratio(_at(lh, "tokens_per_s"), _at(ls, "tokens_per_s"))
+        out.append(
+            _target(f"throughput llamaherd / llama-server, c={c}", r, 1.0, _at_least(r, 1.0), "x")
+        )
     lh, one = _closed(results, "llamaherd", 16), _closed(results, "one-at-a-time", 16)
-    r = ratio(lh and lh["tokens_per_s"], one and one["tokens_per_s"])
-    add("throughput llamaherd / one-at-a-time, c=16", r, 3.5, None if r is None else r >= 3.5, "x")
+    r = _ratio(_at(lh, "tokens_per_s"), _at(one, "tokens_per_s"))
+    out.append(
+        _target("throughput llamaherd / one-at-a-time, c=16", r, 3.5, _at_least(r, 3.5), "x")
+    )
+    return out
+
+
+def _latency_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for c in (8, 16):
         lh, ls = _closed(results, "llamaherd", c), _closed(results, "llama-server", c)
         for metric, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL")):
-            r = ratio(lh and lh[metric]["p95"], ls and ls[metric]["p95"])
-            add(
-                f"{label} p95 llamaherd / llama-server, c={c}",
-                r,
-                1.2,
-                None if r is None else r <= 1.2,
-                "x (lower is better)",
+            r = _ratio(_at(lh, metric, "p95"), _at(ls, metric, "p95"))
+            out.append(
+                _target(
+                    f"{label} p95 llamaherd / llama-server, c={c}",
+                    r,
+                    1.2,
+                    None if r is None else r <= 1.2,
+                    "x (lower is better)",
+                )
             )
+    return out
+
+
+def _engine_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     engine = results.get("engine")
-    if engine:
-        rows = engine["batched_bench"]["rows"]
-        for b, ours in engine["llamaherd"].items():
-            theirs = rows.get(b)
-            r = ratio(ours["tg_tokens_per_s"], theirs and theirs["tg_tokens_per_s"])
-            add(
+    if not engine:
+        return []
+    rows = engine["batched_bench"]["rows"]
+    out = []
+    for b, ours in engine["llamaherd"].items():
+        theirs = rows.get(b)
+        r = _ratio(ours["tg_tokens_per_s"], _at(theirs, "tg_tokens_per_s"))
+        out.append(
+            _target(
                 f"engine-only decode tok/s / llama-batched-bench S_TG, B={b}",
                 r,
                 0.95,
-                None if r is None else r >= 0.95,
+                _at_least(r, 0.95),
                 "x",
             )
+        )
+    return out
+
+
+def _seed_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     seed = (results.get("seed") or {}).get("llamaherd")
-    if seed:
-        t = SEED_TARGETS
-        tps = seed["tokens_per_s"]
-        add(
+    if not seed:
+        return []
+    t = SEED_TARGETS
+    tps = seed["tokens_per_s"]
+    out = [
+        _target(
             "seed workload: llamaherd tokens/s",
             tps,
             t["tokens_per_s"],
             tps > t["tokens_per_s"],
             "tok/s",
         )
-        for q, bound in (("p50", t["p50_ms"]), ("p95", t["p95_ms"])):
-            v = seed["latency_ms"][q]
-            add(
-                f"seed workload: llamaherd latency {q}",
-                v,
-                bound,
-                None if v is None else v < bound,
-                "ms (lower is better)",
-            )
-        eff = (seed.get("batch") or {}).get("efficiency")
-        add(
-            "seed workload: llamaherd batch efficiency",
-            eff,
-            t["efficiency"],
-            None if eff is None else eff > t["efficiency"],
-            "fraction",
+    ]
+    for q, bound in (("p50", t["p50_ms"]), ("p95", t["p95_ms"])):
+        v = seed["latency_ms"][q]
+        ok = None if v is None else v < bound
+        out.append(
+            _target(f"seed workload: llamaherd latency {q}", v, bound, ok, "ms (lower is better)")
         )
-        util = (seed.get("gpu") or {}).get("utilization_mean_pct")
-        if util is not None:
-            add("seed workload: GPU utilization", util, 80.0, util > 80.0, "%")
+    eff = (seed.get("batch") or {}).get("efficiency")
+    ok = None if eff is None else eff > t["efficiency"]
+    out.append(
+        _target("seed workload: llamaherd batch efficiency", eff, t["efficiency"], ok, "fraction")
+    )
+    util = (seed.get("gpu") or {}).get("utilization_mean_pct")
+    if util is not None:
+        out.append(_target("seed workload: GPU utilization", util, 80.0, util > 80.0, "%"))
+    return out
+
+
+def _memory_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     lh_peak = _peak_rss(results, "llamaherd")
     ls_peak = _peak_rss(results, "llama-server")
     py = (results.get("python_baseline_rss_kb") or {}).get("imports")
-    if lh_peak and ls_peak and py:
-        bound = 1.3 * ls_peak + py
-        add(
+    if not (lh_peak and ls_peak and py):
+        return []
+    bound = 1.3 * ls_peak + py
+    return [
+        _target(
             "RSS under load: llamaherd <= 1.3 x llama-server + Python baseline",
             lh_peak / 1024,
             bound / 1024,
             lh_peak <= bound,
             "MiB",
         )
-    return out
+    ]
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with the measured value, the bound and pass/MISS."""
+    return [
+        *_throughput_targets(results),
+        *_latency_targets(results),
+        *_engine_targets(results),
+        *_seed_targets(results),
+        *_memory_targets(results),
+    ]
 
 
 def _peak_rss(results: dict[str, Any], system: str) -> int | None:
@@ -169,9 +221,10 @@ def _seed_section(results: dict[str, Any]) -> list[str]:
         f"> {t['efficiency']:.0%}, GPU utilization > 80%. Latency is the client's, send to reply; "
         "llamaherd's own `latency_ms` beside it.",
         "",
-        "| system | tok/s | req/s | latency p50 / p95 / p99 | server latency_ms p50 / p95 "
-        "| mean tokens | mean batch | efficiency | GPU util mean / max | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            *("system", "tok/s", "req/s", "latency p50 / p95 / p99", "server latency_ms p50 / p95"),
+            *("mean tokens", "mean batch", "efficiency", "GPU util mean / max", "ok"),
+        ),
     ]
     for s in SYSTEMS:
         p = seed.get(s)
@@ -192,7 +245,7 @@ def _seed_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _header(results: dict[str, Any]) -> list[str]:
     meta = results["meta"]
     m = meta["machine"]
     w = meta["workload"]
@@ -222,40 +275,54 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(meta["skipped"])
             + "."
         )
-    lines += [
-        "",
-        "## Targets",
-        "",
-        "| target | measured | bound | result |",
-        "|---|---|---|---|",
-    ]
+    return lines
+
+
+def _bound_words(t: dict[str, Any], fmt: str) -> str:
+    """A target's bound as the table says it: ``>= 1.000``, ``<= 1.200``, ``< 200 ms``, ..."""
+    bound = _f(t["bound"], fmt)
+    if t["unit"].startswith("x (lower"):
+        return f"<= {bound}"
+    if t["unit"] == "MiB":
+        return f"<= {bound} MiB"
+    if t["unit"].startswith("ms"):
+        return f"< {bound} ms"
+    if t["unit"] in ("tok/s", "%", "fraction"):
+        return f"> {bound}" + ("" if t["unit"] == "fraction" else f" {t['unit']}")
+    return f">= {bound}"
+
+
+def _targets_section(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## Targets", "", *table_head("target", "measured", "bound", "result")]
     for t in targets(results):
         verdict = "n/a" if t["ok"] is None else ("pass" if t["ok"] else "**MISS**")
         fmt = ".0f" if t["unit"] in ("MiB", "tok/s", "%") or t["unit"].startswith("ms") else ".3f"
-        bound = _f(t["bound"], fmt)
-        if t["unit"].startswith("x (lower"):
-            bound = f"<= {bound}"
-        elif t["unit"] == "MiB":
-            bound = f"<= {bound} MiB"
-        elif t["unit"].startswith("ms"):
-            bound = f"< {bound} ms"
-        elif t["unit"] in ("tok/s", "%", "fraction"):
-            bound = f"> {bound}" + ("" if t["unit"] == "fraction" else f" {t['unit']}")
-        else:
-            bound = f">= {bound}"
-        lines.append(f"| {t['target']} | {_f(t['value'], fmt)} | {bound} | {verdict} |")
+        lines.append(
+            f"| {t['target']} | {_f(t['value'], fmt)} | {_bound_words(t, fmt)} | {verdict} |"
+        )
+    return lines
 
-    lines += _seed_section(results)
-    lines += [
+
+def _load_row(label: str, p: dict[str, Any]) -> str:
+    """The columns a closed-loop and an open-loop row share, after the first ones."""
+    return (
+        f"{label} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
+        f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} |"
+    )
+
+
+def _closed_section(results: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Closed loop (concurrency sweep)",
         "",
         "Latencies in ms as p50 / p95 / p99, measured by the client. Mean batch: sequences per "
         "llama_decode (llamaherd: `llamaherd_batch_size`; llama-server: busy slots per decode).",
         "",
-        "| c | system | tok/s | req/s | TTFT | ITL | end-to-end | mean batch | peak RSS MiB "
-        "| ok | other / steal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            *("c", "system", "tok/s", "req/s", "TTFT", "ITL", "end-to-end", "mean batch"),
+            *("peak RSS MiB", "ok", "other / steal"),
+        ),
     ]
     for c in _concurrencies(results):
         for s in SYSTEMS:
@@ -264,8 +331,7 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             batch = p.get("batch") or {}
             lines.append(
-                f"| {c} | {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
-                f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
+                f"| {c} | {_load_row(s, p)} "
                 f"{_f(batch.get('mean'), '.1f')} | {p['rss_peak_kb'] / 1024:.0f} | "
                 f"{p['ok']}/{p['requests']} | {_cpu(p)} |"
             )
@@ -273,87 +339,94 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Throughput ratios:",
         "",
-        "| c | llamaherd / llama-server | llamaherd / one-at-a-time |",
-        "|---|---|---|",
+        *table_head("c", "llamaherd / llama-server", "llamaherd / one-at-a-time"),
     ]
     for c in _concurrencies(results):
         lh, ls, one = (_closed(results, s, c) for s in SYSTEMS)
-        r1 = lh and ls and lh["tokens_per_s"] / ls["tokens_per_s"]
-        r2 = lh and one and lh["tokens_per_s"] / one["tokens_per_s"]
+        r1 = lh["tokens_per_s"] / ls["tokens_per_s"] if lh and ls else None
+        r2 = lh["tokens_per_s"] / one["tokens_per_s"] if lh and one else None
         lines.append(f"| {c} | {_f(r1, '.2f')} | {_f(r2, '.2f')} |")
+    return lines
 
+
+def _batch_section(results: dict[str, Any]) -> list[str]:
     dists = [
         (c, p["batch"])
         for c in _concurrencies(results)
         if (p := _closed(results, "llamaherd", c)) and p.get("batch")
     ]
-    if dists:
-        lines += [
-            "",
-            "llamaherd batch-size distribution (decode steps per `llamaherd_batch_size` bucket, "
-            "`le` = upper bound):",
-            "",
-            "| c | steps | distribution |",
-            "|---|---|---|",
-        ]
-        for c, d in dists:
-            dist = ", ".join(f"<={le}: {n}" for le, n in d["le_counts"].items())
-            lines.append(f"| {c} | {d['steps']} | {dist} |")
+    if not dists:
+        return []
+    lines = [
+        "",
+        "llamaherd batch-size distribution (decode steps per `llamaherd_batch_size` bucket, "
+        "`le` = upper bound):",
+        "",
+        *table_head("c", "steps", "distribution"),
+    ]
+    for c, d in dists:
+        dist = ", ".join(f"<={le}: {n}" for le, n in d["le_counts"].items())
+        lines.append(f"| {c} | {d['steps']} | {dist} |")
+    return lines
 
-    if results.get("open_loop"):
-        ol = w.get("open_loop") or {}
-        lines += [
-            "",
-            f"## Open loop (Poisson arrivals, {ol.get('rate_rps')} requests/s, "
-            f"{ol.get('requests')} requests)",
-            "",
-            "Latency counts from the scheduled arrival.",
-            "",
-            "| system | tok/s | req/s | TTFT | ITL | end-to-end | ok | other / steal |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for s in SYSTEMS:
-            p = results["open_loop"].get(s)
-            if p:
-                lines.append(
-                    f"| {s} | {p['tokens_per_s']:.1f} | {p['requests_per_s']:.2f} | "
-                    f"{_pcts(p['ttft_ms'])} | {_pcts(p['itl_ms'])} | {_pcts(p['e2e_ms'])} | "
-                    f"{p['ok']}/{p['requests']} | {_cpu(p)} |"
-                )
 
+def _open_section(results: dict[str, Any]) -> list[str]:
+    if not results.get("open_loop"):
+        return []
+    ol = results["meta"]["workload"].get("open_loop") or {}
+    lines = [
+        "",
+        f"## Open loop (Poisson arrivals, {ol.get('rate_rps')} requests/s, "
+        f"{ol.get('requests')} requests)",
+        "",
+        "Latency counts from the scheduled arrival.",
+        "",
+        *table_head("system", "tok/s", "req/s", "TTFT", "ITL", "end-to-end", "ok", "other / steal"),
+    ]
+    for s in SYSTEMS:
+        p = results["open_loop"].get(s)
+        if p:
+            lines.append(f"| {_load_row(s, p)} {p['ok']}/{p['requests']} | {_cpu(p)} |")
+    return lines
+
+
+def _engine_section(results: dict[str, Any]) -> list[str]:
     engine = results.get("engine")
-    if engine:
-        rows = engine["batched_bench"]["rows"]
-        lines += [
-            "",
-            "## Engine only (no HTTP): 32-token prompts, 48 generated tokens per sequence",
-            "",
-            "Decode tok/s = B x 48 / time from first to last generated token (llamaherd, sampling "
-            "and streaming hand-off included) against llama-batched-bench's S_TG; total = all "
-            "prompt and generated tokens over the whole run (S). Medians of the runs.",
-            "",
-            "| B | llamaherd decode tok/s | batched-bench S_TG | ratio | llamaherd total tok/s "
-            "| batched-bench S |",
-            "|---|---|---|---|---|---|",
-        ]
-        for b, ours in engine["llamaherd"].items():
-            theirs = rows.get(b, {})
-            tg = theirs.get("tg_tokens_per_s")
-            lines.append(
-                f"| {b} | {ours['tg_tokens_per_s']:.1f} | {_f(tg, '.1f')} | "
-                f"{_f(tg and ours['tg_tokens_per_s'] / tg, '.2f')} | "
-                f"{ours['total_tokens_per_s']:.1f} | "
-                f"{_f(theirs.get('total_tokens_per_s'), '.1f')} |"
-            )
-        lines += ["", f"`{engine['batched_bench']['argv']}`"]
+    if not engine:
+        return []
+    rows = engine["batched_bench"]["rows"]
+    lines = [
+        "",
+        "## Engine only (no HTTP): 32-token prompts, 48 generated tokens per sequence",
+        "",
+        "Decode tok/s = B x 48 / time from first to last generated token (llamaherd, sampling "
+        "and streaming hand-off included) against llama-batched-bench's S_TG; total = all "
+        "prompt and generated tokens over the whole run (S). Medians of the runs.",
+        "",
+        *table_head(
+            *("B", "llamaherd decode tok/s", "batched-bench S_TG", "ratio"),
+            *("llamaherd total tok/s", "batched-bench S"),
+        ),
+    ]
+    for b, ours in engine["llamaherd"].items():
+        theirs = rows.get(b, {})
+        tg = theirs.get("tg_tokens_per_s")
+        lines.append(
+            f"| {b} | {ours['tg_tokens_per_s']:.1f} | {_f(tg, '.1f')} | "
+            f"{_f(tg and ours['tg_tokens_per_s'] / tg, '.2f')} | "
+            f"{ours['total_tokens_per_s']:.1f} | "
+            f"{_f(theirs.get('total_tokens_per_s'), '.1f')} |"
+        )
+    return [*lines, "", f"`{engine['batched_bench']['argv']}`"]
 
+
+def _memory_section(results: dict[str, Any]) -> list[str]:
     py = results.get("python_baseline_rss_kb") or {}
-    lines += [
+    lines = [
         "",
         "## Memory (VmRSS, MiB)",
         "",
-        "| system | after load | idle after warm-up | peak under load |",
-        "|---|---|---|---|",
+        *table_head("system", "after load", "idle after warm-up", "peak under load"),
     ]
     for s in SYSTEMS:
         info = results["systems"].get(s)
@@ -364,11 +437,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_f((info.get('rss_idle_kb') or 0) / 1024)} | "
             f"{_f((_peak_rss(results, s) or 0) / 1024)} |"
         )
-    lines += [
+    return [
+        *lines,
         "",
         f"Python baseline: bare interpreter {_f((py.get('bare') or 0) / 1024)} MiB; with the "
         f"server's imports (llamaherd_server.api, llama_cpp, uvicorn) and no model "
         f"{_f((py.get('imports') or 0) / 1024)} MiB.",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        *_header(results),
+        *_targets_section(results),
+        *_seed_section(results),
+        *_closed_section(results),
+        *_batch_section(results),
+        *_open_section(results),
+        *_engine_section(results),
+        *_memory_section(results),
         "",
         "Plots: `throughput.png`, `latency.png`, `engine.png`.",
         "",

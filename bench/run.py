@@ -19,29 +19,42 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import report
+from common import (
+    PYTHON,
+    RESULTS,
+    ROOT,
+    ForeignCpu,
+    RssSampler,
+    Server,
+    batched_bench_command,
+    ensure_binaries,
+    free_port,
+    generated_model,
+    llama_server_command,
+    llamaherd_hist,
+    loadavg,
+    log,
+    parse_batched_bench,
+    rss_kb,
+    running,
+    server_batch,
+    server_command,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd"))
-PYTHON = sys.executable
 SLOTS = 16
 CONTEXT = 512
 THREADS = 2
@@ -50,228 +63,8 @@ BATCH = 512
 GPU_LAYERS: int | None = None
 # Below this many seconds of the time budget, a load point is skipped.
 MIN_POINT_S = 10.0
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, steal) jiffies of all CPUs; busy counts all but idle, iowait and steal."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    steal = fields[7] if len(fields) > 7 else 0
-    return sum(fields[:8]) - fields[3] - fields[4] - steal, steal
-
-
-def _process_jiffies(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-
-class ForeignCpu:
-    """CPU used by processes other than ``pids`` (the servers and this load generator)
-    while a point runs, in cores: the background load that spoils a measurement."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.cores = 0.0
-        self.steal_cores = 0.0  # time the hypervisor gave our virtual CPUs to someone else
-
-    def _sample(self) -> tuple[float, int, int, int]:
-        busy, steal = _cpu_jiffies()
-        return time.monotonic(), busy, steal, sum(_process_jiffies(p) for p in self.pids)
-
-    def __enter__(self) -> ForeignCpu:
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        t1, busy1, steal1, ours1 = self._sample()
-        t0, busy0, steal0, ours0 = self._start
-        scale = os.sysconf("SC_CLK_TCK") * max(t1 - t0, 1e-9)
-        self.cores = max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / scale)
-        self.steal_cores = (steal1 - steal0) / scale
-
-
-class RssSampler:
-    """Samples a process's RSS every ``interval`` seconds in a thread; keeps the peak."""
-
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kb(self.pid) or 0)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_kb(self.pid) or 0)
-
-
-@dataclass
-class Server:
-    name: str
-    label: str
-    argv: list[str]
-    port: int
-    ready_path: str
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log(f"starting {self.name}: {' '.join(self.argv)}")
-        out = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-        out.close()
-        # Beside the log, for a caller that must clean up after a killed run (bench/gpu.sh).
-        self.log_path.with_suffix(".pid").write_text(f"{self.proc.pid}\n")
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.base + self.ready_path).status_code == 200:
-                        return
-                time.sleep(0.25)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def scrape(self) -> str | None:
-        try:
-            r = httpx.get(self.base + "/metrics", timeout=5.0, trust_env=False)
-        except httpx.HTTPError:
-            return None
-        return r.text if r.status_code == 200 else None
-
-
-# ---- server metrics ------------------------------------------------------------------
-
-
-def llamaherd_hist(text: str | None, name: str) -> dict[str, Any] | None:
-    """Cumulative buckets, sum and count of one llamaherd histogram."""
-    if text is None:
-        return None
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        buckets: dict[str, float] = {}
-        total = count = 0.0
-        for s in family.samples:
-            if s.name.endswith("_bucket"):
-                buckets[s.labels["le"]] = s.value
-            elif s.name.endswith("_sum"):
-                total = s.value
-            elif s.name.endswith("_count"):
-                count = s.value
-        return {"buckets": buckets, "sum": total, "count": count}
-    return None
-
-
-def batch_distribution(before: dict | None, after: dict | None) -> dict[str, Any] | None:
-    """Per-bucket decode-step counts of one load point (difference of two scrapes)."""
-    if before is None or after is None:
-        return None
-    count = after["count"] - before["count"]
-    if count <= 0:
-        return None
-    old = before["buckets"]
-    cumulative = {le: n - old.get(le, 0.0) for le, n in after["buckets"].items()}
-    les = sorted(cumulative, key=lambda le: float("inf") if le == "+Inf" else float(le))
-    dist: dict[str, int] = {}
-    prev = 0.0
-    for le in les:
-        n = cumulative[le] - prev
-        prev = cumulative[le]
-        if n > 0:
-            dist[le] = int(n)
-    return {"steps": int(count), "mean": (after["sum"] - before["sum"]) / count, "le_counts": dist}
-
-
-def llama_server_decodes(text: str | None) -> dict[str, float] | None:
-    """n_decode_total and busy slots summed over decodes, from llama-server's /metrics."""
-    if text is None:
-        return None
-    values = {}
-    for line in text.splitlines():
-        m = re.match(r"^llamacpp:(\w+) ([0-9.eE+-]+)$", line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    n = values.get("n_decode_total")
-    per = values.get("n_busy_slots_per_decode")
-    if n is None or per is None:
-        return None
-    return {"decodes": n, "busy": n * per}
-
-
-def llama_server_batch(before: dict | None, after: dict | None) -> dict[str, Any] | None:
-    if before is None or after is None:
-        return None
-    steps = after["decodes"] - before["decodes"]
-    if steps <= 0:
-        return None
-    return {"steps": int(steps), "mean": (after["busy"] - before["busy"]) / steps}
+# The systems whose /metrics tell how many sequences share a decode.
+BATCH_METRICS = ("llamaherd", "llama-server")
 
 
 # ---- phases --------------------------------------------------------------------------
@@ -310,120 +103,61 @@ def gpu_layers_flags(flag: str, value: int | None, all_word: str | None = None) 
     return [flag, all_word if value == -1 and all_word else str(value)]
 
 
-def generated_model(name: str, ggufgen_args: list[str], what: str) -> Path:
-    """A generated GGUF model cached as ``~/.cache/llamaherd/models/<name>.gguf`` (made once)."""
-    path = CACHE / "models" / f"{name}.gguf"
-    if not path.exists():
-        log(f"generating {what} at {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [PYTHON, "-m", "llamaherd_server.ggufgen", *ggufgen_args, "--out", str(path)]
-        subprocess.run(argv, check=True)
-    return path
-
-
 def ensure_model() -> Path:
     return generated_model(
         "bench-seed0", ["--preset", "bench", "--seed", "0"], "the bench model (~220M, F16)"
     )
 
 
-def ensure_binaries() -> Path:
-    out = subprocess.run(
-        ["bash", str(ROOT / "bench" / "build_llama_server.sh")],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
+def llamaherd_command(model: Path, port: int) -> list[str]:
+    return server_command(
+        model,
+        port,
+        *("--slots", str(SLOTS), "--context-size", str(CONTEXT), "--threads", str(THREADS)),
+        *("--token-budget", str(BATCH), "--log-level", "warning"),
+        *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
     )
-    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_command(model: Path, port: int) -> list[str]:
+    return [
+        PYTHON,
+        str(ROOT / "bench" / "baseline_server.py"),
+        *("--model", str(model), "--port", str(port), "--context-size", str(CONTEXT)),
+        *("--threads", str(THREADS), "--batch", str(BATCH)),
+        *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
+    ]
 
 
 def make_servers(model: Path, bindir: Path, logdir: Path) -> list[Server]:
     ports = [free_port() for _ in range(3)]
+    llama_server = llama_server_command(
+        bindir, model, ports[1], SLOTS, CONTEXT, THREADS, BATCH,
+        *("--cache-ram", "0", *gpu_layers_flags("-ngl", GPU_LAYERS, "all")),
+    )  # fmt: skip
     return [
         Server(
             "llamaherd",
-            "llamaherd (continuous batching)",
-            [
-                PYTHON,
-                "-m",
-                "llamaherd_server",
-                "--model",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports[0]),
-                "--slots",
-                str(SLOTS),
-                "--context-size",
-                str(CONTEXT),
-                "--threads",
-                str(THREADS),
-                "--token-budget",
-                str(BATCH),
-                "--log-level",
-                "warning",
-                *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
-            ],
+            llamaherd_command(model, ports[0]),
             ports[0],
-            "/ready",
             logdir / "llamaherd.log",
+            label="llamaherd (continuous batching)",
         ),
         Server(
             "llama-server",
-            "llama-server (llama.cpp, same source)",
-            [
-                str(bindir / "llama-server"),
-                "-m",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports[1]),
-                "-np",
-                str(SLOTS),
-                "-c",
-                str(SLOTS * CONTEXT),
-                "-t",
-                str(THREADS),
-                "-tb",
-                str(THREADS),
-                "-b",
-                str(BATCH),
-                "-ub",
-                str(BATCH),
-                "--kv-unified",
-                "--no-webui",
-                "--metrics",
-                "--cache-ram",
-                "0",
-                *gpu_layers_flags("-ngl", GPU_LAYERS, "all"),
-            ],
+            llama_server,
             ports[1],
-            "/health",
             logdir / "llama-server.log",
+            "/health",
+            label="llama-server (llama.cpp, same source)",
         ),
         Server(
             "one-at-a-time",
-            "one-at-a-time (llama_cpp.Llama behind a lock)",
-            [
-                PYTHON,
-                str(ROOT / "bench" / "baseline_server.py"),
-                "--model",
-                str(model),
-                "--port",
-                str(ports[2]),
-                "--context-size",
-                str(CONTEXT),
-                "--threads",
-                str(THREADS),
-                "--batch",
-                str(BATCH),
-                *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
-            ],
+            baseline_command(model, ports[2]),
             ports[2],
-            "/health",
             logdir / "one-at-a-time.log",
+            "/health",
+            label="one-at-a-time (llama_cpp.Llama behind a lock)",
         ),
     ]
 
@@ -505,20 +239,14 @@ async def run_point(
     summary["foreign_cpu_cores"] = round(foreign.cores, 3)
     summary["steal_cpu_cores"] = round(foreign.steal_cores, 3)
     summary["_raw"] = (results, wall)
+    if server.name in BATCH_METRICS:
+        summary["batch"] = server_batch(server.name, before_text, after_text)
     if server.name == "llamaherd":
-        summary["batch"] = batch_distribution(
-            llamaherd_hist(before_text, "llamaherd_batch_size"),
-            llamaherd_hist(after_text, "llamaherd_batch_size"),
-        )
         # Share of the wall time the engine spent inside llama_decode (the rest: Python).
         d0 = llamaherd_hist(before_text, "llamaherd_decode_step_seconds")
         d1 = llamaherd_hist(after_text, "llamaherd_decode_step_seconds")
         if d0 and d1 and summary["batch"]:
             summary["batch"]["decode_busy_fraction"] = (d1["sum"] - d0["sum"]) / wall
-    elif server.name == "llama-server":
-        summary["batch"] = llama_server_batch(
-            llama_server_decodes(before_text), llama_server_decodes(after_text)
-        )
     return summary
 
 
@@ -617,15 +345,7 @@ async def run_seed_workload(
     summary = loadgen.summarize_waves(results, wall)
     summary["path"] = path
     summary["gpu"] = gpu.summary
-    if server.name == "llamaherd":
-        summary["batch"] = batch_distribution(
-            llamaherd_hist(before_text, "llamaherd_batch_size"),
-            llamaherd_hist(after_text, "llamaherd_batch_size"),
-        )
-    else:
-        summary["batch"] = llama_server_batch(
-            llama_server_decodes(before_text), llama_server_decodes(after_text)
-        )
+    summary["batch"] = server_batch(server.name, before_text, after_text)
     if summary["batch"]:
         # Sequences per decode against the most that could share one.
         summary["batch"]["efficiency"] = summary["batch"]["mean"] / min(wave, SLOTS)
@@ -640,22 +360,9 @@ def run_engine_bench(
         [
             PYTHON,
             str(ROOT / "bench" / "engine_bench.py"),
-            "--model",
-            str(model),
-            "--batches",
-            ",".join(map(str, batches)),
-            "--repeats",
-            str(repeats),
-            "--threads",
-            str(THREADS),
-            "--slots",
-            str(SLOTS),
-            "--context-size",
-            str(CONTEXT),
-            "--token-budget",
-            str(BATCH),
-            "--json",
-            str(out),
+            *("--model", str(model), "--batches", ",".join(map(str, batches))),
+            *("--repeats", str(repeats), "--threads", str(THREADS), "--slots", str(SLOTS)),
+            *("--context-size", str(CONTEXT), "--token-budget", str(BATCH), "--json", str(out)),
             *gpu_layers_flags("--gpu-layers", GPU_LAYERS),
         ],
         check=True,
@@ -665,33 +372,13 @@ def run_engine_bench(
     return json.loads(out.read_text())
 
 
-def parse_batched_bench(text: str) -> dict[str, dict[str, float]]:
-    """Rows of llama-batched-bench's markdown table, keyed by B."""
-    rows: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 10 or not cells[0].isdigit():
-            continue
-        pp, tg, b, _nkv, _t_pp, s_pp, _t_tg, s_tg, t, s = cells
-        rows[b] = {
-            "pp": float(pp),
-            "tg": float(tg),
-            "pp_tokens_per_s": float(s_pp),
-            "tg_tokens_per_s": float(s_tg),
-            "total_tokens_per_s": float(s),
-            "t_s": float(t),
-        }
-    return rows
-
-
 def run_batched_bench(
     bindir: Path, model: Path, batches: list[int], repeats: int, timeout_s: float = 600.0
 ) -> dict[str, Any]:
-    argv = [str(bindir / "llama-batched-bench"), "-m", str(model), "-c", str(SLOTS * CONTEXT)]
-    argv += ["-b", str(BATCH), "-ub", str(BATCH), "-npp", "32", "-ntg", "48"]
-    argv += ["-npl", ",".join(map(str, batches)), "-t", str(THREADS), "-tb", str(THREADS)]
-    argv.append("--kv-unified")
-    argv += gpu_layers_flags("-ngl", GPU_LAYERS, "all")
+    argv = batched_bench_command(
+        bindir, model, SLOTS * CONTEXT, BATCH, 32, 48, batches, THREADS,
+        *gpu_layers_flags("-ngl", GPU_LAYERS, "all"),
+    )  # fmt: skip
     runs = []
     deadline = time.monotonic() + timeout_s
     for _ in range(repeats):
@@ -820,35 +507,221 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@dataclass
+class Plan:
+    """The points a run measures: the mode's (full or ``--quick``), as the flags override them."""
+
+    quick: bool
+    concurrencies: list[int]
+    engine_batches: list[int]
+    repeats: int
+    rounds: int
+    requests: int | None = None
+    requests_per_stream: int | None = None
+    requests_min: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        if args.quick:
+            plan = cls(True, [1, 4, 16], [1, 4, 16], repeats=1, rounds=1)
+        else:
+            plan = cls(False, [1, 2, 4, 8, 16, 32], [1, 2, 4, 8, 16], repeats=3, rounds=2)
+        plan.rounds = args.rounds or plan.rounds
+        if args.concurrency:
+            plan.concurrencies = [int(c) for c in args.concurrency.split(",")]
+        if args.engine_batches:
+            plan.engine_batches = [int(b) for b in args.engine_batches.split(",")]
+        plan.repeats = args.repeats or plan.repeats
+        plan.requests = args.requests
+        plan.requests_per_stream = args.requests_per_stream
+        plan.requests_min = args.requests_min
+        return plan
+
+    def n_requests(self, c: int) -> int:
+        if self.requests:
+            return self.requests
+        if self.requests_per_stream:
+            return max(self.requests_min or 0, self.requests_per_stream * c)
+        return max(8, c) if self.quick else max(24, 4 * c)
+
+    def per_round(self, c: int) -> int:
+        return max(c, self.n_requests(c) // self.rounds)
+
+
+def run_meta(
+    args: argparse.Namespace,
+    plan: Plan,
+    model: Path,
+    facts: dict[str, Any],
+    workload: loadgen.Workload,
+    started: dt.datetime,
+) -> dict[str, Any]:
+    """What results.json says about the run before it measures anything."""
+    seed = {
+        "requests": args.seed_requests,
+        "wave": args.seed_concurrency,
+        "max_tokens": args.seed_max_tokens,
+    }
+    return {
+        "mode": "quick" if args.quick else "full",
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "model": {"path": str(model), "params_m": facts["params_m"], "dtype": "f16"},
+        "workload": {
+            "prompt_tokens": workload.prompt_tokens,
+            "max_tokens": workload.max_tokens,
+            "temperature": workload.temperature,
+            "top_k": workload.top_k,
+            "concurrency": plan.concurrencies,
+            "requests_per_point": {
+                str(c): plan.per_round(c) * plan.rounds for c in plan.concurrencies
+            },
+            "rounds": plan.rounds,
+            "open_loop": None
+            if args.quick
+            else {"rate_rps": args.open_rate, "requests": args.open_requests},
+            "seed": seed if args.seed_workload else None,
+        },
+        "server_config": {
+            "slots": SLOTS,
+            "context_per_slot": CONTEXT,
+            "threads": THREADS,
+            "batch": BATCH,
+            "gpu_layers": GPU_LAYERS,
+        },
+        "time_budget_s": args.time_budget_s,
+        "loadavg_start": loadavg(),
+    }
+
+
+@dataclass
+class Phases:
+    """The phases of one run, in order, writing into ``results``; what the time budget did not
+    leave room for is named in ``skipped``."""
+
+    args: argparse.Namespace
+    plan: Plan
+    workload: loadgen.Workload
+    model_name: str
+    results: dict[str, Any]
+    budget: Budget
+    skipped: list[str] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
+    our_pids: list[int] = field(default_factory=list)
+
+    def engine_only(self, model: Path, bindir: Path) -> None:
+        if self.budget.left() < 4 * MIN_POINT_S:
+            self.skipped.append("engine-only microbenchmark")
+            return
+        log("engine-only microbenchmark (llamaherd Engine, no HTTP)")
+        batches, repeats = self.plan.engine_batches, self.plan.repeats
+        try:
+            self.results["engine"] = {
+                "llamaherd": run_engine_bench(
+                    model, batches, repeats, self.args.tmp, self.budget.limit(900)
+                ),
+                "batched_bench": run_batched_bench(
+                    bindir, model, batches, repeats, self.budget.limit(600)
+                ),
+                "loadavg_after": loadavg(),
+            }
+        except subprocess.TimeoutExpired:
+            self.skipped.append("engine-only microbenchmark (ran out of the time budget)")
+
+    async def warm_up(self, servers: list[Server]) -> None:
+        """Record each ready server, warm it up, record its idle RSS."""
+        self.servers = servers
+        for s in servers:
+            s.info = {"label": s.label, "argv": s.argv, "rss_ready_kb": rss_kb(s.pid)}
+            self.results["systems"][s.name] = s.info
+            self.results["closed_loop"][s.name] = {}
+        for s in servers:
+            await warm_up(s, self.workload, self.model_name)
+            time.sleep(1.0)
+            s.info["rss_idle_kb"] = rss_kb(s.pid)
+            log(f"{s.name} ready, idle RSS {s.info['rss_idle_kb'] / 1024:.0f} MiB")
+        self.our_pids = [os.getpid()] + [s.pid for s in servers]
+
+    def out_of_time(self, what: str) -> bool:
+        if self.budget.left() >= MIN_POINT_S:
+            return False
+        self.skipped.append(what)
+        return True
+
+    async def seed_workload(self) -> None:
+        args = self.args
+        self.results["seed"] = {}
+        for s in self.servers:
+            if s.name not in SEED_SYSTEMS or self.out_of_time(f"seed workload {s.name}"):
+                continue
+            seed = await run_seed_workload(
+                s,
+                self.model_name,
+                n_requests=args.seed_requests,
+                wave=args.seed_concurrency,
+                max_tokens=args.seed_max_tokens,
+                time_limit_s=self.budget.limit(600),
+            )
+            self.results["seed"][s.name] = seed
+            log(
+                f"seed workload {s.name:14s} {seed['tokens_per_s']:7.1f} tok/s  latency "
+                f"p50 {seed['latency_ms']['p50'] or 0:.0f} ms p95 "
+                f"{seed['latency_ms']['p95'] or 0:.0f} ms  ok {seed['ok']}/{seed['requests']}"
+            )
+
+    async def point(self, s: Server, *, c: int | None, n: int, first: int) -> dict[str, Any]:
+        """One load point of ``s``: closed loop at ``c`` streams, or the open loop."""
+        return await run_point(
+            s,
+            self.workload,
+            self.model_name,
+            concurrency=c,
+            rate=None if c is not None else self.args.open_rate,
+            n_requests=n,
+            first_index=first,
+            our_pids=self.our_pids,
+            time_limit_s=self.budget.limit(600),
+        )
+
+    async def closed_loop(self) -> int:
+        """The concurrency sweep; returns the next free request index."""
+        servers, rounds = self.servers, self.plan.rounds
+        index = 0
+        for k, c in enumerate(self.plan.concurrencies):
+            # Take turns, rotating who goes first and reversing the order every other round,
+            # so that drift in background load is shared by all three.
+            parts: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+            per_round = self.plan.per_round(c)
+            for r in range(rounds):
+                order = servers[k % len(servers) :] + servers[: k % len(servers)]
+                for s in order[:: -1 if r % 2 else 1]:
+                    if self.out_of_time(f"c={c} {s.name} round {r + 1}"):
+                        continue
+                    part = await self.point(s, c=c, n=per_round, first=index)
+                    parts[s.name].append(part)
+                    log(f"c={c:2d} {s.name:14s} {describe(part)}")
+                index += per_round
+            for s in servers:
+                if not parts[s.name]:
+                    continue
+                merged = merge_rounds(parts[s.name], self.workload.max_tokens)
+                self.results["closed_loop"][s.name][str(c)] = merged
+                if rounds > 1:
+                    log(f"c={c:2d} {s.name:14s} {describe(merged)} (all rounds)")
+        return index
+
+    async def open_loop(self, first: int) -> None:
+        for s in self.servers:
+            if self.out_of_time(f"open loop {s.name}"):
+                continue
+            summary = await self.point(s, c=None, n=self.args.open_requests, first=first)
+            summary.pop("_raw")
+            self.results["open_loop"][s.name] = summary
+            log(f"open loop {self.args.open_rate}/s {s.name:14s} {describe(summary)}")
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    if args.quick:
-        concurrencies = [1, 4, 16]
-        engine_batches = [1, 4, 16]
-        repeats = 1
-        rounds = 1
-    else:
-        concurrencies = [1, 2, 4, 8, 16, 32]
-        engine_batches = [1, 2, 4, 8, 16]
-        repeats = 3
-        rounds = 2
-    if args.rounds:
-        rounds = args.rounds
-    if args.concurrency:
-        concurrencies = [int(c) for c in args.concurrency.split(",")]
-    if args.engine_batches:
-        engine_batches = [int(b) for b in args.engine_batches.split(",")]
-    if args.repeats:
-        repeats = args.repeats
-    budget = Budget(args.time_budget_s)
-    skipped: list[str] = []
-
-    def n_requests(c: int) -> int:
-        if args.requests:
-            return args.requests
-        if args.requests_per_stream:
-            return max(args.requests_min or 0, args.requests_per_stream * c)
-        return max(8, c) if args.quick else max(24, 4 * c)
-
+    plan = Plan.from_args(args)
     model = args.model or ensure_model()
     facts = model_facts(model)
     workload = loadgen.Workload(
@@ -856,171 +729,35 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         max_tokens=args.max_tokens,
         vocab=facts["vocab"] or loadgen.Workload.vocab,
     )
-    model_name = model.stem
     bindir = args.bindir or ensure_binaries()
     started = dt.datetime.now(dt.UTC)
     results: dict[str, Any] = {
-        "meta": {
-            "mode": "quick" if args.quick else "full",
-            "started": started.isoformat(timespec="seconds"),
-            "machine": machine_info(),
-            "model": {"path": str(model), "params_m": facts["params_m"], "dtype": "f16"},
-            "workload": {
-                "prompt_tokens": workload.prompt_tokens,
-                "max_tokens": workload.max_tokens,
-                "temperature": workload.temperature,
-                "top_k": workload.top_k,
-                "concurrency": concurrencies,
-                "requests_per_point": {
-                    str(c): max(c, n_requests(c) // rounds) * rounds for c in concurrencies
-                },
-                "rounds": rounds,
-                "open_loop": None
-                if args.quick
-                else {"rate_rps": args.open_rate, "requests": args.open_requests},
-                "seed": {
-                    "requests": args.seed_requests,
-                    "wave": args.seed_concurrency,
-                    "max_tokens": args.seed_max_tokens,
-                }
-                if args.seed_workload
-                else None,
-            },
-            "server_config": {
-                "slots": SLOTS,
-                "context_per_slot": CONTEXT,
-                "threads": THREADS,
-                "batch": BATCH,
-                "gpu_layers": GPU_LAYERS,
-            },
-            "time_budget_s": args.time_budget_s,
-            "loadavg_start": loadavg(),
-        },
+        "meta": run_meta(args, plan, model, facts, workload, started),
         "systems": {},
         "closed_loop": {},
         "open_loop": {},
     }
     log(f"machine load average at start: {loadavg()}")
     results["python_baseline_rss_kb"] = python_baseline_rss()
-
+    phases = Phases(args, plan, workload, model.stem, results, Budget(args.time_budget_s))
     if not args.skip_engine:
-        if budget.left() < 4 * MIN_POINT_S:
-            skipped.append("engine-only microbenchmark")
-        else:
-            log("engine-only microbenchmark (llamaherd Engine, no HTTP)")
-            try:
-                results["engine"] = {
-                    "llamaherd": run_engine_bench(
-                        model, engine_batches, repeats, args.tmp, budget.limit(900)
-                    ),
-                    "batched_bench": run_batched_bench(
-                        bindir, model, engine_batches, repeats, budget.limit(600)
-                    ),
-                    "loadavg_after": loadavg(),
-                }
-            except subprocess.TimeoutExpired:
-                skipped.append("engine-only microbenchmark (ran out of the time budget)")
-
+        phases.engine_only(model, bindir)
     servers = make_servers(model, bindir, args.logs or args.tmp)
     if args.systems:
         keep = set(args.systems.split(","))
         servers = [s for s in servers if s.name in keep]
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready()
-            s.info = {"label": s.label, "argv": s.argv, "rss_ready_kb": rss_kb(s.pid)}
-            results["systems"][s.name] = s.info
-            results["closed_loop"][s.name] = {}
-        for s in servers:
-            await warm_up(s, workload, model_name)
-            time.sleep(1.0)
-            s.info["rss_idle_kb"] = rss_kb(s.pid)
-            log(f"{s.name} ready, idle RSS {s.info['rss_idle_kb'] / 1024:.0f} MiB")
-        our_pids = [os.getpid()] + [s.pid for s in servers]
+    with running(servers):
+        await phases.warm_up(servers)
         if args.seed_workload:
-            results["seed"] = {}
-            for s in servers:
-                if s.name not in SEED_SYSTEMS:
-                    continue
-                if budget.left() < MIN_POINT_S:
-                    skipped.append(f"seed workload {s.name}")
-                    continue
-                seed = await run_seed_workload(
-                    s,
-                    model_name,
-                    n_requests=args.seed_requests,
-                    wave=args.seed_concurrency,
-                    max_tokens=args.seed_max_tokens,
-                    time_limit_s=budget.limit(600),
-                )
-                results["seed"][s.name] = seed
-                log(
-                    f"seed workload {s.name:14s} {seed['tokens_per_s']:7.1f} tok/s  latency "
-                    f"p50 {seed['latency_ms']['p50'] or 0:.0f} ms p95 "
-                    f"{seed['latency_ms']['p95'] or 0:.0f} ms  ok {seed['ok']}/{seed['requests']}"
-                )
-        index = 0
-        for k, c in enumerate(concurrencies):
-            # Take turns, rotating who goes first and reversing the order every other round,
-            # so that drift in background load is shared by all three.
-            parts: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
-            per_round = max(c, n_requests(c) // rounds)
-            for r in range(rounds):
-                order = servers[k % len(servers) :] + servers[: k % len(servers)]
-                for s in order[:: -1 if r % 2 else 1]:
-                    if budget.left() < MIN_POINT_S:
-                        skipped.append(f"c={c} {s.name} round {r + 1}")
-                        continue
-                    part = await run_point(
-                        s,
-                        workload,
-                        model_name,
-                        concurrency=c,
-                        rate=None,
-                        n_requests=per_round,
-                        first_index=index,
-                        our_pids=our_pids,
-                        time_limit_s=budget.limit(600),
-                    )
-                    parts[s.name].append(part)
-                    log(f"c={c:2d} {s.name:14s} {describe(part)}")
-                index += per_round
-            for s in servers:
-                if not parts[s.name]:
-                    continue
-                merged = merge_rounds(parts[s.name], workload.max_tokens)
-                results["closed_loop"][s.name][str(c)] = merged
-                if rounds > 1:
-                    log(f"c={c:2d} {s.name:14s} {describe(merged)} (all rounds)")
+            await phases.seed_workload()
+        index = await phases.closed_loop()
         if not args.quick:
-            for s in servers:
-                if budget.left() < MIN_POINT_S:
-                    skipped.append(f"open loop {s.name}")
-                    continue
-                summary = await run_point(
-                    s,
-                    workload,
-                    model_name,
-                    concurrency=None,
-                    rate=args.open_rate,
-                    n_requests=args.open_requests,
-                    first_index=index,
-                    our_pids=our_pids,
-                    time_limit_s=budget.limit(600),
-                )
-                summary.pop("_raw")
-                results["open_loop"][s.name] = summary
-                log(f"open loop {args.open_rate}/s {s.name:14s} {describe(summary)}")
+            await phases.open_loop(index)
         for s in servers:
             s.info["rss_idle_after_kb"] = rss_kb(s.pid)
-    finally:
-        for s in servers:
-            s.stop()
-    if skipped:
-        log(f"skipped for the time budget: {', '.join(skipped)}")
-    results["meta"]["skipped"] = skipped
+    if phases.skipped:
+        log(f"skipped for the time budget: {', '.join(phases.skipped)}")
+    results["meta"]["skipped"] = phases.skipped
     results["meta"]["loadavg_end"] = loadavg()
     results["meta"]["duration_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds())
     return results
@@ -1082,7 +819,7 @@ def main() -> None:
     SLOTS, CONTEXT, THREADS, BATCH = args.slots, args.context_size, args.threads, args.batch
     GPU_LAYERS = args.gpu_layers
     if args.out is None:
-        args.out = ROOT / "bench" / "results" / ("quick" if args.quick else "")
+        args.out = RESULTS / ("quick" if args.quick else "")
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     args.tmp = Path(tempfile.mkdtemp(prefix="llamaherd-bench-"))

@@ -32,21 +32,27 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common
 import engine_bench
-import run as serving
+from common import (
+    RESULTS,
+    batched_bench_command,
+    generated_model,
+    parse_batched_bench,
+    table_head,
+)
 
 import llamaherd_server
 from llamaherd_server.engine import Engine
-from llamaherd_server.metrics import ServerMetrics
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LLAMAHERD_CACHE", Path.home() / ".cache" / "llamaherd"))
-OUT = ROOT / "bench" / "results" / "step"
+OUT = RESULTS / "step"
 # ~17M parameters, F16: decode steps of about 1-3 ms at B=1..16 on the 2-core machine.
 SHAPE = ["--n-embd", "384", "--n-layer", "6", "--n-head", "6", "--n-head-kv", "6"]
 SHAPE += ["--n-ff", "1024", "--vocab", "8192"]
@@ -62,11 +68,11 @@ WORKLOADS = {
 
 
 def log(msg: str) -> None:
-    print(f"[step {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    common.log(msg, tag="step")
 
 
 def ensure_model() -> Path:
-    return serving.generated_model("step-seed0", [*SHAPE, "--seed", "0"], "the short-step model")
+    return generated_model("step-seed0", [*SHAPE, "--seed", "0"], "the short-step model")
 
 
 def run_batch(engine: Engine, batch: int, workload: str, seed: int) -> dict[str, float]:
@@ -154,7 +160,7 @@ def engine_source() -> dict[str, str]:
     return {"path": str(where), "commit": commit + ("+changes" if dirty else "")}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True, help="results file name, e.g. before/after")
     parser.add_argument("--batches", default="1,4,16")
@@ -162,61 +168,61 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    model = ensure_model()
-    bindir = serving.ensure_binaries()
-    argv = [str(bindir / "llama-batched-bench"), "-m", str(model), "-c", str(SLOTS * CONTEXT)]
-    argv += ["-b", str(BATCH), "-ub", str(BATCH), "-npp", str(PROMPT), "-ntg", str(GEN)]
-    argv += ["-npl", ",".join(map(str, batches)), "-t", str(args.threads)]
-    argv += ["-tb", str(args.threads), "--kv-unified"]
-    source = engine_source()
-    log(f"engine from {source['path']} ({source['commit']}), model {model.name}")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
 
-    engine = Engine(
-        model,
-        ServerMetrics(SLOTS),
-        slots=SLOTS,
-        context_size=CONTEXT,
-        token_budget=BATCH,
-        threads=args.threads,
-        max_wait_ms=0,
+
+@dataclass
+class Runs:
+    """Decode tokens/s of every run: llama-batched-bench's and the engine's per workload, by
+    B; the 1-minute load average before and after each repeat."""
+
+    theirs: dict[str, list[float]]
+    ours: dict[str, dict[str, list[float]]]
+    loadavg: list[float]
+
+
+def measure(engine: Engine, argv: list[str], batches: list[int], repeats: int) -> Runs:
+    runs = Runs(
+        theirs={str(b): [] for b in batches},
+        ours={w: {str(b): [] for b in batches} for w in WORKLOADS},
+        loadavg=[os.getloadavg()[0]],
     )
-    engine.load()
-    theirs: dict[str, list[float]] = {str(b): [] for b in batches}
-    ours: dict[str, dict[str, list[float]]] = {w: {str(b): [] for b in batches} for w in WORKLOADS}
-    loadavg = [os.getloadavg()[0]]
-    try:
-        for workload in WORKLOADS:  # warm-up
-            run_batch(engine, max(batches), workload, seed=1)
-        for r in range(args.repeats):
-            # Alternate who goes first, so that drift in background load hits both alike.
-            order = ["theirs", "ours"] if r % 2 == 0 else ["ours", "theirs"]
-            for who in order:
-                if who == "theirs":
-                    out = subprocess.run(argv, capture_output=True, text=True, check=True)
-                    rows = serving.parse_batched_bench(out.stdout + out.stderr)
+    for workload in WORKLOADS:  # warm-up
+        run_batch(engine, max(batches), workload, seed=1)
+    for r in range(repeats):
+        # Alternate who goes first, so that drift in background load hits both alike.
+        order = ["theirs", "ours"] if r % 2 == 0 else ["ours", "theirs"]
+        for who in order:
+            if who == "theirs":
+                out = subprocess.run(argv, capture_output=True, text=True, check=True)
+                rows = parse_batched_bench(out.stdout + out.stderr)
+                for b in batches:
+                    runs.theirs[str(b)].append(rows[str(b)]["tg_tokens_per_s"])
+            else:
+                for workload in WORKLOADS:
                     for b in batches:
-                        theirs[str(b)].append(rows[str(b)]["tg_tokens_per_s"])
-                else:
-                    for workload in WORKLOADS:
-                        for b in batches:
-                            got = run_batch(engine, b, workload, seed=100 * r + b)
-                            ours[workload][str(b)].append(got["tg_tokens_per_s"])
-            loadavg.append(os.getloadavg()[0])
-            log(
-                f"repeat {r + 1}/{args.repeats}: batched-bench "
-                + " ".join(f"B={b}:{theirs[str(b)][-1]:.0f}" for b in batches)
-                + " | greedy "
-                + " ".join(f"{ours['greedy'][str(b)][-1]:.0f}" for b in batches)
-                + " | sampled "
-                + " ".join(f"{ours['sampled'][str(b)][-1]:.0f}" for b in batches)
-            )
-        timers = Timers(engine)
-        profiles = {w: {str(b): profile(engine, timers, b, w) for b in batches} for w in WORKLOADS}
-    finally:
-        engine.close()
+                        got = run_batch(engine, b, workload, seed=100 * r + b)
+                        runs.ours[workload][str(b)].append(got["tg_tokens_per_s"])
+        runs.loadavg.append(os.getloadavg()[0])
+        log(
+            f"repeat {r + 1}/{repeats}: batched-bench "
+            + " ".join(f"B={b}:{runs.theirs[str(b)][-1]:.0f}" for b in batches)
+            + " | greedy "
+            + " ".join(f"{runs.ours['greedy'][str(b)][-1]:.0f}" for b in batches)
+            + " | sampled "
+            + " ".join(f"{runs.ours['sampled'][str(b)][-1]:.0f}" for b in batches)
+        )
+    return runs
 
-    result: dict[str, Any] = {
+
+def medians(runs: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    return {b: {"median": statistics.median(v), "runs": v} for b, v in runs.items()}
+
+
+def summary(args: argparse.Namespace, model: Path, argv: list[str], runs: Runs) -> dict[str, Any]:
+    theirs = runs.theirs
+    return {
         "label": args.label,
         "model": {"path": str(model), "shape": " ".join(SHAPE), "params_m": 16.9},
         "shapes": {
@@ -229,23 +235,41 @@ def main() -> None:
         },
         "batched_bench_argv": " ".join(argv),
         "repeats": args.repeats,
-        "loadavg": loadavg,
-        "batched_bench": {
-            b: {"median": statistics.median(v), "runs": v} for b, v in theirs.items()
-        },
-        "engine": {
-            w: {b: {"median": statistics.median(v), "runs": v} for b, v in per_b.items()}
-            for w, per_b in ours.items()
-        },
+        "loadavg": runs.loadavg,
+        "batched_bench": medians(theirs),
+        "engine": {w: medians(per_b) for w, per_b in runs.ours.items()},
         "ratio": {
             w: {
                 b: statistics.median(o / t for o, t in zip(per_b[b], theirs[b], strict=True))
                 for b in per_b
             }
-            for w, per_b in ours.items()
+            for w, per_b in runs.ours.items()
         },
-        "profile_us_per_step": profiles,
     }
+
+
+def main() -> None:
+    args = parse_args()
+    batches = args.batches
+    model = ensure_model()
+    argv = batched_bench_command(
+        common.ensure_binaries(), model, SLOTS * CONTEXT, BATCH, PROMPT, GEN, batches,
+        args.threads,
+    )  # fmt: skip
+    source = engine_source()
+    log(f"engine from {source['path']} ({source['commit']}), model {model.name}")
+    engine = engine_bench.load_engine(
+        model, SLOTS, threads=args.threads, context_size=CONTEXT, token_budget=BATCH,
+        max_wait_ms=0,
+    )  # fmt: skip
+    try:
+        runs = measure(engine, argv, batches, args.repeats)
+        timers = Timers(engine)
+        profiles = {w: {str(b): profile(engine, timers, b, w) for b in batches} for w in WORKLOADS}
+    finally:
+        engine.close()
+    result = summary(args, model, argv, runs)
+    result["profile_us_per_step"] = profiles
     result["engine_source"] = source
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.label}.json"
@@ -256,6 +280,16 @@ def main() -> None:
             f"B={b}: {result['ratio'][w][str(b)]:.3f}" for b in batches
         ))  # fmt: skip
     write_markdown(args.out)
+
+
+def per_batch(
+    runs: dict[str, dict[str, Any]], key: str
+) -> Iterator[tuple[str, Any, str, str, Any]]:
+    """(label, run, workload, B, value) for every value of ``run[key][workload][B]``."""
+    for label, r in runs.items():
+        for w, per_b in r[key].items():
+            for b, value in per_b.items():
+                yield label, r, w, b, value
 
 
 def write_markdown(out: Path) -> None:
@@ -270,30 +304,22 @@ def write_markdown(out: Path) -> None:
         "ratios (runs interleaved). Profile: microseconds per engine step, from timers around",
         "the engine's methods in a separate run.",
         "",
-        "| run | engine | workload | B | engine tok/s | batched-bench S_TG | ratio |",
-        "|---|---|---|---|---|---|---|",
+        *table_head(
+            "run", "engine", "workload", "B", "engine tok/s", "batched-bench S_TG", "ratio"
+        ),
     ]
-    for label, r in runs.items():
-        for w, per_b in r["ratio"].items():
-            for b, ratio in per_b.items():
-                lines.append(
-                    f"| {label} | {r['engine_source']['commit']} | {w} | {b} "
-                    f"| {r['engine'][w][b]['median']:.0f} "
-                    f"| {r['batched_bench'][b]['median']:.0f} | {ratio:.3f} |"
-                )
     lines += [
-        "",
-        "| run | workload | B | step | llama_decode | fill | sample | accept | deliver | other |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {label} | {r['engine_source']['commit']} | {w} | {b} "
+        f"| {r['engine'][w][b]['median']:.0f} "
+        f"| {r['batched_bench'][b]['median']:.0f} | {ratio:.3f} |"
+        for label, r, w, b, ratio in per_batch(runs, "ratio")
     ]
-    for label, r in runs.items():
-        for w, per_b in r["profile_us_per_step"].items():
-            for b, p in per_b.items():
-                lines.append(
-                    f"| {label} | {w} | {b} | {p['step']:.0f} | {p['llama_decode']:.0f} "
-                    f"| {p['fill']:.0f} | {p['sample']:.0f} | {p['accept']:.0f} "
-                    f"| {p['deliver']:.0f} | {p['other']:.0f} |"
-                )
+    phases = ("step", "llama_decode", "fill", "sample", "accept", "deliver", "other")
+    lines += ["", *table_head("run", "workload", "B", *phases)]
+    lines += [
+        f"| {label} | {w} | {b} | " + " | ".join(f"{p[phase]:.0f}" for phase in phases) + " |"
+        for label, _, w, b, p in per_batch(runs, "profile_us_per_step")
+    ]
     lines += ["", "Load average (1 min) before and after each repeat:", ""]
     for label, r in runs.items():
         lines.append(f"- {label}: {', '.join(f'{x:.2f}' for x in r['loadavg'])}")
