@@ -138,6 +138,15 @@ def make_client(max_connections: int, timeout_s: float) -> httpx.AsyncClient:
     )
 
 
+async def _finish(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Wait for ``tasks``; those still running after ``timeout_s`` are cancelled."""
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=timeout_s)
+    except TimeoutError:
+        for task in tasks:
+            task.cancel()
+
+
 async def closed_loop(
     url: str,
     payload: Callable[[int], dict[str, Any]],
@@ -163,11 +172,7 @@ async def closed_loop(
 
         started = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=time_limit_s + 30)
-        except TimeoutError:
-            for task in tasks:
-                task.cancel()
+        await _finish(tasks, time_limit_s + 30)
         wall = time.perf_counter() - started
     return results, wall
 
@@ -209,12 +214,7 @@ async def open_loop(
             if time.perf_counter() > deadline:
                 break
             tasks.append(asyncio.create_task(one(first_index + k, arrival)))
-        left = max(1.0, deadline - time.perf_counter())
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), timeout=left + 30)
-        except TimeoutError:
-            for task in tasks:
-                task.cancel()
+        await _finish(tasks, max(1.0, deadline - time.perf_counter()) + 30)
         wall = time.perf_counter() - started
     return results, wall
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -209,28 +210,21 @@ async def run_point(
     time_limit_s: float = 600.0,
 ) -> dict[str, Any]:
     url = server.base + "/v1/completions"
+    if rate is None:
+        assert concurrency is not None
+        load = functools.partial(loadgen.closed_loop, concurrency=concurrency)
+    else:
+        load = functools.partial(loadgen.open_loop, rate=rate)
     before_text = server.scrape()
     load_before = loadavg()
     with RssSampler(server.pid) as rss, ForeignCpu(our_pids) as foreign:
-        if rate is None:
-            assert concurrency is not None
-            results, wall = await loadgen.closed_loop(
-                url,
-                lambda i: workload.payload(i, model_name),
-                concurrency=concurrency,
-                n_requests=n_requests,
-                first_index=first_index,
-                time_limit_s=time_limit_s,
-            )
-        else:
-            results, wall = await loadgen.open_loop(
-                url,
-                lambda i: workload.payload(i, model_name),
-                rate=rate,
-                n_requests=n_requests,
-                first_index=first_index,
-                time_limit_s=time_limit_s,
-            )
+        results, wall = await load(
+            url,
+            lambda i: workload.payload(i, model_name),
+            n_requests=n_requests,
+            first_index=first_index,
+            time_limit_s=time_limit_s,
+        )
     after_text = server.scrape()
     summary = loadgen.summarize(results, wall, workload.max_tokens)
     summary["rss_peak_kb"] = rss.peak
@@ -763,8 +757,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main() -> None:
-    global SLOTS, CONTEXT, THREADS, BATCH, GPU_LAYERS
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer points and requests")
     parser.add_argument(
@@ -815,7 +808,12 @@ def main() -> None:
     )
     parser.add_argument("--logs", type=Path, help="write the server logs here (kept)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the server logs")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    global SLOTS, CONTEXT, THREADS, BATCH, GPU_LAYERS
+    args = parse_args()
     SLOTS, CONTEXT, THREADS, BATCH = args.slots, args.context_size, args.threads, args.batch
     GPU_LAYERS = args.gpu_layers
     if args.out is None:
