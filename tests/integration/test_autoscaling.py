@@ -32,7 +32,7 @@ from tests.chart.test_metric_names import dashboard_exprs, scraped_names, used_n
 from tests.conftest import ServerProcess, start_server
 from tests.harness import free_port, wait_until
 from tests.harness.controlplane import ControlPlane
-from tests.harness.operator import OperatorProcess
+from tests.harness.operator import autoscaling_operator
 from tests.harness.prometheus import Prometheus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.slow]
@@ -152,17 +152,13 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
     metrics_port = free_port()
     # A Prometheus that never answers, allowed (the allow-list is not what this test checks).
     dead_prometheus = f"http://127.0.0.1:{free_port()}"
-    operator = OperatorProcess(
+    operator = autoscaling_operator(
         cp.kubeconfig,
         tmp_path / "operator.log",
-        env={
-            "LLAMAHERD_OPERATOR_PROMETHEUS_URL": prometheus.url,
-            "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "2",
-            "LLAMAHERD_OPERATOR_METRICS_HOST": "127.0.0.1",
-            "LLAMAHERD_OPERATOR_METRICS_PORT": str(metrics_port),
-            "LLAMAHERD_OPERATOR_NAMESPACES": namespace,
-            "LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS": dead_prometheus,
-        },
+        prometheus.url,
+        namespace,
+        metrics_port,
+        LLAMAHERD_OPERATOR_ALLOWED_PROMETHEUS_URLS=dead_prometheus,
     )
     fleet = Fleet(cp, prometheus, servers, namespace, name)
     manifest = {
@@ -189,7 +185,9 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
         wait_until(lambda: fleet.replicas == 1, timeout=30, what="the fleet at one replica")
         # Idle: metrics flow, the autoscaler is active and holds one replica.
         wait_until(
-            lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "True",
+            lambda: (
+                condition(get_isvc(cp, namespace, name), "ScalingActive").get("status") == "True"
+            ),
             timeout=60,
             what="ScalingActive=True before load",
             describe=lambda: json.dumps(get_isvc(cp, namespace, name).get("status")),
@@ -266,7 +264,9 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
             check=True,
         )
         wait_until(
-            lambda: _condition(get_isvc(cp, namespace, name), "ScalingActive") == "False",
+            lambda: (
+                condition(get_isvc(cp, namespace, name), "ScalingActive").get("status") == "False"
+            ),
             timeout=60,
             what="ScalingActive=False without Prometheus",
         )
@@ -281,11 +281,12 @@ def test_desired_replicas_follow_the_queue_up_and_back_down(
         cp.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
-def _condition(isvc: dict[str, Any], kind: str) -> str | None:
+def condition(isvc: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The status condition of type ``kind`` ({} if there is none)."""
     for c in (isvc.get("status") or {}).get("conditions") or []:
         if c["type"] == kind:
-            return str(c["status"])
-    return None
+            return dict(c)
+    return {}
 
 
 def _sample(text: str, series: str) -> float:

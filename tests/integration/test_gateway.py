@@ -21,7 +21,8 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,17 @@ def complete(gw: GatewayProcess, model: str, **extra: Any) -> httpx.Response:
     )
 
 
+def wait_held(gw: GatewayProcess, service: str, *, timeout: float, what: str) -> None:
+    """Until the gateway holds one request for ``service``."""
+    wait_until(
+        lambda: (
+            metric(gw.metrics(), "llamaherd_gateway_requests_held", inferenceservice=service) == 1
+        ),
+        timeout=timeout,
+        what=what,
+    )
+
+
 class FaultyReplica:
     """A TCP server that plays a broken replica: ``reset`` closes each connection at once
     with a RST; ``hangup`` reads the whole request, then closes without a word (a server that
@@ -196,60 +208,82 @@ def namespace(control_plane: ControlPlane, operator_crd: None) -> Iterator[str]:
     control_plane.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-@pytest.fixture
-def gateway_factory(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path
-) -> Iterator[Callable[..., GatewayProcess]]:
-    started: list[GatewayProcess] = []
+@dataclass
+class Stage:
+    """One test's namespace on the control plane: the InferenceServices and EndpointSlices it
+    writes there, the server processes that play its pods and the gateways that watch it."""
 
-    def start(**settings: Any) -> GatewayProcess:
-        env = {"LLAMAHERD_GATEWAY_NAMESPACES": namespace}
-        env.update({f"LLAMAHERD_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
-        gw = GatewayProcess(
-            control_plane.kubeconfig, tmp_path / f"gateway-{len(started)}.log", env=env
-        )
-        started.append(gw)
-        return gw.start()
+    cp: ControlPlane
+    namespace: str
+    model: Path
+    tmp_path: Path
+    started: list[ServerProcess | GatewayProcess] = field(default_factory=list)
 
-    yield start
-    for gw in started:
-        gw.stop()
+    def service(
+        self,
+        name: str,
+        replicas: int = 1,
+        *,
+        model: Path | None = None,
+        namespace: str | None = None,
+        **spec: Any,
+    ) -> None:
+        """Apply an InferenceService of ``model`` (the tiny model unless given)."""
+        namespace = namespace or self.namespace
+        apply(self.cp, inference_service(namespace, name, model or self.model, replicas, **spec))
 
+    def pods(
+        self,
+        service: str,
+        pods: list[tuple[int, int, str]],
+        name: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        """Apply the service's EndpointSlice ``name`` (see :func:`endpoint_slice`)."""
+        apply(self.cp, endpoint_slice(namespace or self.namespace, service, pods, name))
 
-@pytest.fixture
-def servers(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., ServerProcess]]:
-    started: list[ServerProcess] = []
-
-    def start(name: str, *args: str, model: Path | None = None) -> ServerProcess:
+    def server(self, name: str, *args: str, model: Path | None = None) -> ServerProcess:
+        """A server process serving ``name`` (a pod of that service), one thread."""
         server = start_server(
-            model or tiny_model, tmp_path, "--model-name", name, "--threads", "1", *args
+            model or self.model, self.tmp_path, "--model-name", name, "--threads", "1", *args
         )
-        started.append(server)
+        self.started.append(server)
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    def gateway(self, **settings: Any) -> GatewayProcess:
+        """A gateway watching this namespace, started; ``settings`` by their field names."""
+        env = {"LLAMAHERD_GATEWAY_NAMESPACES": self.namespace}
+        env.update({f"LLAMAHERD_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
+        log = self.tmp_path / f"gateway-{len(self.started)}.log"
+        gw = GatewayProcess(self.cp.kubeconfig, log, env=env)
+        self.started.append(gw)
+        return gw.start()
+
+
+@pytest.fixture
+def stage(
+    control_plane: ControlPlane, namespace: str, tiny_model: Path, tmp_path: Path
+) -> Iterator[Stage]:
+    stage = Stage(control_plane, namespace, tiny_model, tmp_path)
+    yield stage
+    for process in reversed(stage.started):
+        process.stop()
 
 
 # ---- tests ----------------------------------------------------------------------------------
 
 
 def test_routes_by_model_streams_lists_models_and_404s(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
-    cp = control_plane
-    alpha = servers("alpha", "--api-key", "sesame")
-    beta = servers("beta")
+    cp, namespace = stage.cp, stage.namespace
+    alpha = stage.server("alpha", "--api-key", "sesame")
+    beta = stage.server("beta")
     for name, replicas in (("alpha", 1), ("beta", 1), ("idle", 0)):
-        apply(cp, inference_service(namespace, name, tiny_model, replicas))
-    apply(cp, endpoint_slice(namespace, "alpha", [(0, alpha.port, "ready")]))
-    apply(cp, endpoint_slice(namespace, "beta", [(1, beta.port, "ready")]))
-    gw = gateway_factory()
+        stage.service(name, replicas)
+    stage.pods("alpha", [(0, alpha.port, "ready")])
+    stage.pods("beta", [(1, beta.port, "ready")])
+    gw = stage.gateway()
     wait_until(
         lambda: ready_endpoints(gw, "alpha") == 1 and ready_endpoints(gw, "beta") == 1,
         timeout=30,
@@ -333,26 +367,21 @@ def test_routes_by_model_streams_lists_models_and_404s(
 
 
 def test_only_ready_endpoints_get_traffic(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
-    cp = control_plane
-    first, second = servers("alpha"), servers("alpha")
-    apply(cp, inference_service(namespace, "alpha", tiny_model, 2))
-    apply(cp, endpoint_slice(namespace, "alpha", [(0, first.port, "ready")], name="alpha-a"))
-    apply(cp, endpoint_slice(namespace, "alpha", [(1, second.port, "not-ready")], name="alpha-b"))
-    gw = gateway_factory(affinity_prefix_chars=0)
+    first, second = stage.server("alpha"), stage.server("alpha")
+    stage.service("alpha", 2)
+    stage.pods("alpha", [(0, first.port, "ready")], name="alpha-a")
+    stage.pods("alpha", [(1, second.port, "not-ready")], name="alpha-b")
+    gw = stage.gateway(affinity_prefix_chars=0)
     wait_until(lambda: ready_endpoints(gw, "alpha") == 1, timeout=30, what="one ready endpoint")
     for _ in range(8):
         assert complete(gw, "alpha").status_code == 200
     assert (served(first), served(second)) == (8, 0)
 
     # the first pod starts terminating, the second turns ready
-    apply(cp, endpoint_slice(namespace, "alpha", [(0, first.port, "terminating")], name="alpha-a"))
-    apply(cp, endpoint_slice(namespace, "alpha", [(1, second.port, "ready")], name="alpha-b"))
+    stage.pods("alpha", [(0, first.port, "terminating")], name="alpha-a")
+    stage.pods("alpha", [(1, second.port, "ready")], name="alpha-b")
 
     def moved() -> bool:
         assert complete(gw, "alpha").status_code == 200
@@ -366,28 +395,23 @@ def test_only_ready_endpoints_get_traffic(
 
 
 def test_retries_only_where_a_replica_cannot_have_started(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
     """Refused: retried. Closed after the whole request was read: a streamed request is
     retried (the server sends its headers when a slot takes it, so it never ran); any other
     may have run and is never sent to a second replica (502). Once the response started,
     nothing is retried."""
-    cp = control_plane
-    good = servers("alpha")
+    good = stage.server("alpha")
     hangup, broken = FaultyReplica("hangup"), FaultyReplica("broken")
     refused = free_port()
     try:
-        apply(cp, inference_service(namespace, "alpha", tiny_model, 3))
-        apply(cp, inference_service(namespace, "half", tiny_model, 1))
+        stage.service("alpha", 3)
+        stage.service("half", 1)
         for i, port in enumerate((good.port, hangup.port, refused)):
-            apply(cp, endpoint_slice(namespace, "alpha", [(i, port, "ready")], f"alpha-{i}"))
-        apply(cp, endpoint_slice(namespace, "half", [(5, broken.port, "ready")]))
+            stage.pods("alpha", [(i, port, "ready")], f"alpha-{i}")
+        stage.pods("half", [(5, broken.port, "ready")])
         # ejection off: every request takes its chance with every replica
-        gw = gateway_factory(affinity_prefix_chars=0, retries=2, outlier_consecutive_failures=0)
+        gw = stage.gateway(affinity_prefix_chars=0, retries=2, outlier_consecutive_failures=0)
         wait_until(
             lambda: ready_endpoints(gw, "alpha") == 3 and ready_endpoints(gw, "half") == 1,
             timeout=30,
@@ -423,7 +447,7 @@ def test_retries_only_where_a_replica_cannot_have_started(
             for p in (f"prompt {i}" for i in range(1000))
             if picker.rendezvous_order(p, urls)[0] == urls[1]
         )
-        gw = gateway_factory(
+        gw = stage.gateway(
             affinity_prefix_chars=64,
             affinity_load_factor=100,  # the affinity replica, whatever its failures so far
             retries=2,
@@ -470,21 +494,16 @@ def test_retries_only_where_a_replica_cannot_have_started(
 
 
 def test_a_replica_that_refuses_everything_is_ejected(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
     """A ready endpoint that refuses every connection beside two real replicas (measured on
     kind before ejection: tried first by 644 of 997 requests, since it always looked idle)
     gets a handful of first tries: it never looks idle, and outlier detection ejects it."""
-    cp = control_plane
-    first, second = servers("alpha"), servers("alpha")
-    apply(cp, inference_service(namespace, "alpha", tiny_model, 3))
+    first, second = stage.server("alpha"), stage.server("alpha")
+    stage.service("alpha", 3)
     for i, port in enumerate((free_port(), first.port, second.port)):
-        apply(cp, endpoint_slice(namespace, "alpha", [(i, port, "ready")], f"alpha-{i}"))
-    gw = gateway_factory(
+        stage.pods("alpha", [(i, port, "ready")], f"alpha-{i}")
+    gw = stage.gateway(
         affinity_prefix_chars=0, outlier_consecutive_failures=5, outlier_base_ejection_seconds=300
     )
     wait_until(lambda: ready_endpoints(gw, "alpha") == 3, timeout=30, what="three endpoints")
@@ -523,36 +542,22 @@ def test_a_replica_that_refuses_everything_is_ejected(
 
 
 def test_a_namespace_cannot_take_another_namespaces_model(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
     """A service in another namespace that names our model in servedModelNames, with any
     weight, gets none of its traffic; allow_cross_namespace_models lets it."""
-    cp = control_plane
+    cp, namespace = stage.cp, stage.namespace
     other = f"{namespace}-b"
     cp.kubectl("create", "namespace", other, check=True)
     try:
-        ours, theirs = servers("alpha"), servers("squatter")
-        apply(cp, inference_service(namespace, "alpha", tiny_model, 1))
-        apply(
-            cp,
-            inference_service(
-                other,
-                "squatter",
-                tiny_model,
-                1,
-                gateway={"servedModelNames": ["alpha"], "weight": 10000},
-            ),
-        )
-        apply(cp, endpoint_slice(namespace, "alpha", [(0, ours.port, "ready")]))
-        apply(cp, endpoint_slice(other, "squatter", [(1, theirs.port, "ready")]))
-        scoped = gateway_factory(namespaces=f"{namespace},{other}")
-        shared = gateway_factory(
-            namespaces=f"{namespace},{other}", allow_cross_namespace_models=True
-        )
+        ours, theirs = stage.server("alpha"), stage.server("squatter")
+        stage.service("alpha", 1)
+        squatting = {"servedModelNames": ["alpha"], "weight": 10000}
+        stage.service("squatter", 1, namespace=other, gateway=squatting)
+        stage.pods("alpha", [(0, ours.port, "ready")])
+        stage.pods("squatter", [(1, theirs.port, "ready")], namespace=other)
+        scoped = stage.gateway(namespaces=f"{namespace},{other}")
+        shared = stage.gateway(namespaces=f"{namespace},{other}", allow_cross_namespace_models=True)
         for gw in (scoped, shared):
             wait_until(lambda gw=gw: "squatter" in model_view(gw), timeout=30, what="both listed")
         assert [s["namespace"] for s in model_view(scoped)["alpha"]] == [namespace]
@@ -572,17 +577,13 @@ def test_a_namespace_cannot_take_another_namespaces_model(
 
 
 def test_client_disconnect_frees_the_slot(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
+    stage: Stage,
     small_model: Path,
 ) -> None:
-    cp = control_plane
-    slow = servers("slow", model=small_model)
-    apply(cp, inference_service(namespace, "slow", small_model, 1))
-    apply(cp, endpoint_slice(namespace, "slow", [(0, slow.port, "ready")]))
-    gw = gateway_factory()
+    slow = stage.server("slow", model=small_model)
+    stage.service("slow", 1, model=small_model)
+    stage.pods("slow", [(0, slow.port, "ready")])
+    gw = stage.gateway()
     wait_until(lambda: ready_endpoints(gw, "slow") == 1, timeout=30, what="the endpoint")
     with httpx.stream(
         "POST",
@@ -609,24 +610,11 @@ def test_client_disconnect_frees_the_slot(
 
 
 def test_a_request_at_zero_replicas_scales_up_and_is_answered(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
-    cp = control_plane
-    apply(
-        cp,
-        inference_service(
-            namespace,
-            "sleepy",
-            tiny_model,
-            0,
-            autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 2},
-        ),
-    )
-    gw = gateway_factory(hold_timeout_seconds=60)
+    cp, namespace = stage.cp, stage.namespace
+    stage.service("sleepy", 0, autoscaling={"enabled": True, "minReplicas": 0, "maxReplicas": 2})
+    gw = stage.gateway(hold_timeout_seconds=60)
     wait_until(lambda: "sleepy" in model_view(gw), timeout=30, what="sleepy listed")
     result: list[httpx.Response] = []
     sent = time.monotonic()
@@ -640,17 +628,11 @@ def test_a_request_at_zero_replicas_scales_up_and_is_answered(
         return int(out or 0)
 
     wait_until(lambda: replicas() == 1, timeout=30, what="the gateway to scale sleepy to 1")
-    wait_until(
-        lambda: (
-            metric(gw.metrics(), "llamaherd_gateway_requests_held", inferenceservice="sleepy") == 1
-        ),
-        timeout=10,
-        what="the request held",
-    )
+    wait_held(gw, "sleepy", timeout=10, what="the request held")
     # the pod comes up: first not ready (loading), the first pod dies, a second one turns ready
-    pod = servers("sleepy")
-    apply(cp, endpoint_slice(namespace, "sleepy", [(0, free_port(), "not-ready")]))
-    apply(cp, endpoint_slice(namespace, "sleepy", [(1, pod.port, "ready")]))
+    pod = stage.server("sleepy")
+    stage.pods("sleepy", [(0, free_port(), "not-ready")])
+    stage.pods("sleepy", [(1, pod.port, "ready")])
     client.join(timeout=60)
     assert result and result[0].status_code == 200, result and result[0].text
     assert served(pod) == 1
@@ -664,15 +646,12 @@ def test_a_request_at_zero_replicas_scales_up_and_is_answered(
 
 
 def test_holds_are_bounded_in_time_and_number(
-    control_plane: ControlPlane,
-    namespace: str,
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
-    cp = control_plane
+    cp, namespace = stage.cp, stage.namespace
     # autoscaling off: the gateway holds but does not scale it; nobody does
-    apply(cp, inference_service(namespace, "parked", tiny_model, 0))
-    gw = gateway_factory(hold_timeout_seconds=3, max_held_requests=1, retry_after_seconds=7)
+    stage.service("parked", 0)
+    gw = stage.gateway(hold_timeout_seconds=3, max_held_requests=1, retry_after_seconds=7)
     wait_until(lambda: "parked" in model_view(gw), timeout=30, what="parked listed")
     result: list[tuple[httpx.Response, float]] = []
 
@@ -682,13 +661,7 @@ def test_holds_are_bounded_in_time_and_number(
 
     first = threading.Thread(target=held_request, daemon=True)
     first.start()
-    wait_until(
-        lambda: (
-            metric(gw.metrics(), "llamaherd_gateway_requests_held", inferenceservice="parked") == 1
-        ),
-        timeout=10,
-        what="the first request held",
-    )
+    wait_held(gw, "parked", timeout=10, what="the first request held")
     # one more than max_held_requests: at once, 503 with Retry-After
     started = time.monotonic()
     r = complete(gw, "parked")
@@ -705,28 +678,14 @@ def test_holds_are_bounded_in_time_and_number(
 
 
 def test_traffic_split_by_weight(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
-    cp = control_plane
-    main, canary = servers("mix"), servers("mix-canary")
-    apply(cp, inference_service(namespace, "mix", tiny_model, 1, gateway={"weight": 80}))
-    apply(
-        cp,
-        inference_service(
-            namespace,
-            "mix-canary",
-            tiny_model,
-            1,
-            gateway={"weight": 20, "servedModelNames": ["mix"]},
-        ),
-    )
-    apply(cp, endpoint_slice(namespace, "mix", [(0, main.port, "ready")]))
-    apply(cp, endpoint_slice(namespace, "mix-canary", [(1, canary.port, "ready")]))
-    gw = gateway_factory()
+    main, canary = stage.server("mix"), stage.server("mix-canary")
+    stage.service("mix", 1, gateway={"weight": 80})
+    stage.service("mix-canary", 1, gateway={"weight": 20, "servedModelNames": ["mix"]})
+    stage.pods("mix", [(0, main.port, "ready")])
+    stage.pods("mix-canary", [(1, canary.port, "ready")])
+    gw = stage.gateway()
     wait_until(lambda: ready_endpoints(gw, "mix") == 2, timeout=30, what="both sides ready")
     n = 200
     sides: dict[str, int] = {}
@@ -750,20 +709,16 @@ def test_traffic_split_by_weight(
 
 
 def test_load_reported_by_a_replica_counts_in_the_pick(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
+    stage: Stage,
     small_model: Path,
 ) -> None:
     """Requests that did not come through this gateway (another gateway pod, a client of the
     Service) count through the replica's reported queue: least-loaded picks avoid it."""
-    cp = control_plane
-    busy, idle = (servers("slow", "--slots", "4", model=small_model) for _ in range(2))
-    apply(cp, inference_service(namespace, "slow", small_model, 2))
-    apply(cp, endpoint_slice(namespace, "slow", [(0, busy.port, "ready")], name="slow-a"))
-    apply(cp, endpoint_slice(namespace, "slow", [(1, idle.port, "ready")], name="slow-b"))
-    gw = gateway_factory(affinity_prefix_chars=0, load_poll_seconds=0.3)
+    busy, idle = (stage.server("slow", "--slots", "4", model=small_model) for _ in range(2))
+    stage.service("slow", 2, model=small_model)
+    stage.pods("slow", [(0, busy.port, "ready")], name="slow-a")
+    stage.pods("slow", [(1, idle.port, "ready")], name="slow-b")
+    gw = stage.gateway(affinity_prefix_chars=0, load_poll_seconds=0.3)
     wait_until(lambda: ready_endpoints(gw, "slow") == 2, timeout=30, what="both endpoints")
     # Two long generations straight to one replica, past the gateway.
     stop = threading.Event()
@@ -811,25 +766,20 @@ def test_load_reported_by_a_replica_counts_in_the_pick(
 
 
 def test_the_gateways_own_api_keys(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
     tmp_path: Path,
 ) -> None:
     """With a keys file, /v1/ needs one of its keys (401 otherwise); probes and metrics stay
     open; the key stays with the gateway unless forward_authorization passes it on."""
-    cp = control_plane
-    open_server = servers("alpha")
-    keyed = servers("beta", "--api-key", "team-key")
-    apply(cp, inference_service(namespace, "alpha", tiny_model, 1))
-    apply(cp, inference_service(namespace, "beta", tiny_model, 1))
-    apply(cp, endpoint_slice(namespace, "alpha", [(0, open_server.port, "ready")]))
-    apply(cp, endpoint_slice(namespace, "beta", [(1, keyed.port, "ready")]))
+    open_server = stage.server("alpha")
+    keyed = stage.server("beta", "--api-key", "team-key")
+    stage.service("alpha", 1)
+    stage.service("beta", 1)
+    stage.pods("alpha", [(0, open_server.port, "ready")])
+    stage.pods("beta", [(1, keyed.port, "ready")])
     keys = tmp_path / "gateway-keys"
     keys.write_text("# one per line\nteam-key\nother-key\n")
-    gw = gateway_factory(api_keys_file=keys)
+    gw = stage.gateway(api_keys_file=keys)
     assert httpx.get(gw.url + "/v1/models", timeout=5).status_code == 401
     r = complete(gw, "alpha")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -861,7 +811,7 @@ def test_the_gateways_own_api_keys(
     assert metric(text, "llamaherd_gateway_requests_total", outcome="upstream_4xx") == 1
 
     # forward_authorization: servers with the same key take it
-    passing = gateway_factory(api_keys_file=keys, forward_authorization=True)
+    passing = stage.gateway(api_keys_file=keys, forward_authorization=True)
     wait_until(lambda: listed(passing), timeout=30, what="alpha and beta listed")
     assert post(passing, "beta", "team-key").status_code == 200
     # the gateway accepts other-key, the replica (its own key is team-key) refuses it
@@ -870,31 +820,20 @@ def test_the_gateways_own_api_keys(
 
 
 def test_a_replica_that_died_under_its_ready_endpoint_loses_no_request(
-    control_plane: ControlPlane,
-    namespace: str,
-    servers: Callable[..., ServerProcess],
-    gateway_factory: Callable[..., GatewayProcess],
-    tiny_model: Path,
+    stage: Stage,
 ) -> None:
     """The only ready endpoint refuses (its pod died, the slice does not say so yet): the
     request waits, as a hold does, for the replacement, and is answered there."""
-    cp = control_plane
-    apply(cp, inference_service(namespace, "phoenix", tiny_model, 1))
-    apply(cp, endpoint_slice(namespace, "phoenix", [(0, free_port(), "ready")]))
-    gw = gateway_factory(hold_timeout_seconds=60)
+    stage.service("phoenix", 1)
+    stage.pods("phoenix", [(0, free_port(), "ready")])
+    gw = stage.gateway(hold_timeout_seconds=60)
     wait_until(lambda: ready_endpoints(gw, "phoenix") == 1, timeout=30, what="the endpoint")
     result: list[httpx.Response] = []
     client = threading.Thread(target=lambda: result.append(complete(gw, "phoenix")), daemon=True)
     client.start()
-    wait_until(
-        lambda: (
-            metric(gw.metrics(), "llamaherd_gateway_requests_held", inferenceservice="phoenix") == 1
-        ),
-        timeout=15,
-        what="the request waiting after the refused connection",
-    )
-    replacement = servers("phoenix")
-    apply(cp, endpoint_slice(namespace, "phoenix", [(1, replacement.port, "ready")]))
+    wait_held(gw, "phoenix", timeout=15, what="the request waiting after the refused connection")
+    replacement = stage.server("phoenix")
+    stage.pods("phoenix", [(1, replacement.port, "ready")])
     client.join(timeout=60)
     assert result and result[0].status_code == 200, result and result[0].text
     assert served(replacement) == 1

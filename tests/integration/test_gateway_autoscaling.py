@@ -16,34 +16,22 @@ import json
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import start_server
-from tests.harness import free_port, wait_until
+from tests.harness import wait_until
 from tests.harness.controlplane import ControlPlane
 from tests.harness.gateway import GatewayProcess
-from tests.harness.operator import OperatorProcess
+from tests.harness.operator import autoscaling_operator
 from tests.harness.prometheus import Prometheus
-from tests.integration.test_gateway import endpoint_slice, inference_service, metric
+from tests.integration.test_autoscaling import condition, get_isvc
+from tests.integration.test_gateway import apply, endpoint_slice, inference_service, metric
 
 pytestmark = [pytest.mark.cluster, pytest.mark.prometheus, pytest.mark.server, pytest.mark.slow]
 
 IDLE_S = 30  # the CRD's minimum scaleToZeroIdleSeconds
-
-
-def isvc(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
-    out = cp.kubectl("get", "lhis", name, "-n", namespace, "-o", "json", check=True).stdout
-    return dict(json.loads(out))
-
-
-def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if c["type"] == kind:
-            return dict(c)
-    return {}
 
 
 def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
@@ -58,16 +46,8 @@ def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
     cp.kubectl("create", "namespace", namespace, check=True)
     server_job, gateway_job = f"gwz-server-{namespace}", f"gwz-gateway-{namespace}"
     server = start_server(tiny_model, tmp_path, "--model-name", name, "--threads", "1")
-    operator = OperatorProcess(
-        cp.kubeconfig,
-        tmp_path / "operator.log",
-        env={
-            "LLAMAHERD_OPERATOR_PROMETHEUS_URL": prometheus.url,
-            "LLAMAHERD_OPERATOR_AUTOSCALE_INTERVAL_SECONDS": "2",
-            "LLAMAHERD_OPERATOR_METRICS_HOST": "127.0.0.1",
-            "LLAMAHERD_OPERATOR_METRICS_PORT": str(free_port()),
-            "LLAMAHERD_OPERATOR_NAMESPACES": namespace,
-        },
+    operator = autoscaling_operator(
+        cp.kubeconfig, tmp_path / "operator.log", prometheus.url, namespace
     )
     # The gateway does not scale here: only the autoscaler's reading of the held requests can
     # bring the service back.
@@ -80,6 +60,18 @@ def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
             "LLAMAHERD_GATEWAY_HOLD_TIMEOUT_SECONDS": "120",
         },
     )
+
+    def pod_ready() -> None:
+        """The server process up as the service's one ready pod: a Prometheus target labelled
+        as its ServiceMonitor would label it, a ready endpoint."""
+        labels = {"namespace": namespace, "service": name}
+        prometheus.add_targets(server_job, [f"127.0.0.1:{server.port}"], labels=labels)
+        apply(cp, endpoint_slice(namespace, name, [(0, server.port, "ready")]))
+
+    def pod_gone() -> None:
+        prometheus.remove_targets(server_job)
+        apply(cp, endpoint_slice(namespace, name, []))
+
     autoscaling = {
         "enabled": True,
         "minReplicas": 0,
@@ -88,24 +80,8 @@ def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
         "metricsWindowSeconds": 10,
     }
     try:
-        cp.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(
-                inference_service(namespace, name, tiny_model, 1, autoscaling=autoscaling)
-            ),
-            check=True,
-        )
-        pod_labels = {"namespace": namespace, "service": name}
-        prometheus.add_targets(server_job, [f"127.0.0.1:{server.port}"], labels=pod_labels)
-        cp.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(endpoint_slice(namespace, name, [(0, server.port, "ready")])),
-            check=True,
-        )
+        apply(cp, inference_service(namespace, name, tiny_model, 1, autoscaling=autoscaling))
+        pod_ready()
         operator.start()
         gateway.start()
         prometheus.add_targets(gateway_job, [f"127.0.0.1:{gateway.port}"])
@@ -118,29 +94,24 @@ def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
         )
         assert r.status_code == 200, r.text
         wait_until(
-            lambda: isvc(cp, namespace, name)["spec"]["replicas"] == 0,
+            lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] == 0,
             timeout=IDLE_S + 60,
             what=f"scale to zero after {IDLE_S}s idle (operator log {operator.log_path})",
-            describe=lambda: json.dumps(isvc(cp, namespace, name).get("status")),
+            describe=lambda: json.dumps(get_isvc(cp, namespace, name).get("status")),
         )
-        obj = isvc(cp, namespace, name)
+        obj = get_isvc(cp, namespace, name)
         down = obj["status"]["scalingDecisions"][-1]
         assert (down["to"], down["reason"]) == (0, "ScaledToZero"), down
         wait_until(
-            lambda: condition(isvc(cp, namespace, name), "Ready").get("reason") == "ScaledToZero",
+            lambda: (
+                condition(get_isvc(cp, namespace, name), "Ready").get("reason") == "ScaledToZero"
+            ),
             timeout=30,
             what="Ready False, ScaledToZero",
         )
-        assert condition(isvc(cp, namespace, name), "Ready")["status"] == "False"
+        assert condition(get_isvc(cp, namespace, name), "Ready")["status"] == "False"
         # the pod goes: no endpoint, no Prometheus target
-        prometheus.remove_targets(server_job)
-        cp.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(endpoint_slice(namespace, name, [])),
-            check=True,
-        )
+        pod_gone()
 
         # A request at zero is held; the autoscaler reads it from Prometheus and scales up.
         result: list[httpx.Response] = []
@@ -156,23 +127,16 @@ def test_idle_service_goes_to_zero_and_held_requests_bring_it_back(
         )
         client.start()
         wait_until(
-            lambda: isvc(cp, namespace, name)["spec"]["replicas"] == 1,
+            lambda: get_isvc(cp, namespace, name)["spec"]["replicas"] == 1,
             timeout=60,
             what="the autoscaler raising the service for the held request",
-            describe=lambda: json.dumps(isvc(cp, namespace, name).get("status")),
+            describe=lambda: json.dumps(get_isvc(cp, namespace, name).get("status")),
         )
-        up = isvc(cp, namespace, name)["status"]["scalingDecisions"][-1]
+        up = get_isvc(cp, namespace, name)["status"]["scalingDecisions"][-1]
         assert (up["from"], up["to"], up["reason"]) == (0, 1, "ScaleFromZero"), up
         assert client.is_alive(), "the held request ended before a replica was ready"
         # the pod starts and turns ready: the held request is answered
-        prometheus.add_targets(server_job, [f"127.0.0.1:{server.port}"], labels=pod_labels)
-        cp.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(endpoint_slice(namespace, name, [(0, server.port, "ready")])),
-            check=True,
-        )
+        pod_ready()
         client.join(timeout=120)
         assert result and result[0].status_code == 200, result and result[0].text
         text = gateway.metrics()
