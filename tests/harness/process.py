@@ -68,6 +68,7 @@ class ManagedProcess:
                 list(self.argv),
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
                 cwd=self.cwd,
                 start_new_session=self.new_session,
