@@ -15,12 +15,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Keep equal to ENV LLAMA_CMAKE_ARGS of Dockerfile.server's builder-cpu stage (a test checks).
-IMAGE_CPU_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# LLAMA_CPU_CMAKE_ARGS: equal to Dockerfile.server's builder-cpu flags (a test checks).
+# shellcheck source=versions.env
+. hack/versions.env
 
 VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 CACHE=${LLAMAHERD_CACHE:-$HOME/.cache/llamaherd}
-CMAKE_ARGS=${CMAKE_ARGS-$IMAGE_CPU_CMAKE_ARGS}
+CMAKE_ARGS=${CMAKE_ARGS-$LLAMA_CPU_CMAKE_ARGS}
 flags_key=$(printf '%s' "$CMAKE_ARGS" | sha256sum | cut -c1-12)
 WHEELS="$CACHE/wheels/llama-cpp-python-$VERSION-$flags_key"
 PYTHON=${PYTHON:-python3}

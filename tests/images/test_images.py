@@ -306,13 +306,18 @@ def test_cuda_is_the_default_variant() -> None:
 
 def test_host_wheel_has_the_cpu_image_flags() -> None:
     """hack/llama-wheel.sh compiles the host's wheel with the CPU image's flags, so that the image
-    build may install it instead of compiling again; the two must not drift apart."""
+    build may install it instead of compiling again, and the benchmark's llama-server gets the
+    same; they must not drift apart."""
+    pinned = (REPO / "hack" / "versions.env").read_text()
+    flags = re.search(r'^LLAMA_CPU_CMAKE_ARGS="([^"]*)"', pinned, re.MULTILINE)
     script = (REPO / "hack" / "llama-wheel.sh").read_text()
-    flags = re.search(r'^IMAGE_CPU_CMAKE_ARGS="([^"]*)"', script, re.MULTILINE)
+    assert "CMAKE_ARGS=${CMAKE_ARGS-$LLAMA_CPU_CMAKE_ARGS}" in script
+    bench = (REPO / "bench" / "build_llama_server.sh").read_text()
+    assert "${CMAKE_ARGS-$LLAMA_CPU_CMAKE_ARGS}" in bench
     text = (REPO / "Dockerfile.server").read_text()
     cpu_stage = text.split("AS builder-cpu", 1)[1].split("FROM ", 1)[0]
     env = re.search(r'ENV LLAMA_CMAKE_ARGS="([^"]*)"', cpu_stage)
-    assert flags and env, "IMAGE_CPU_CMAKE_ARGS or the builder-cpu stage's LLAMA_CMAKE_ARGS is gone"
+    assert flags and env, "LLAMA_CPU_CMAKE_ARGS or the builder-cpu stage's LLAMA_CMAKE_ARGS is gone"
     assert flags.group(1) == env.group(1)
     # The image takes the host's wheel only for the CPU variant with no extra flags.
     builder = text.split("AS builder\n", 1)[1].split("FROM ", 1)[0]
