@@ -4,7 +4,7 @@
 # very same source. Binaries are cached outside the repository in
 #   ${LLAMAHERD_CACHE:-~/.cache/llamaherd}/bin/llama.cpp-<llama-cpp-python version>-<flags>/
 # and the script does nothing when they are already there (idempotent). The CMake flags are the
-# ones llamaherd's own llama.cpp is compiled with (LLAMA_CPU_CMAKE_ARGS in hack/versions.env, or
+# ones llamaherd's own llama.cpp is compiled with (LLAMA_CPU_CMAKE_ARGS in hack/llama.env, or
 # CMAKE_ARGS as for hack/llama-wheel.sh), so both sides of the comparison run the same code.
 # Prints the directory that holds the binaries as its last line.
 set -euo pipefail
@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 [ -n "$VERSION" ] || { echo "[build] no llama-cpp-python pin in pyproject.toml" >&2; exit 1; }
 CACHE=${LLAMAHERD_CACHE:-$HOME/.cache/llamaherd}
-# shellcheck source=../hack/versions.env
-. hack/versions.env
+# shellcheck source=../hack/llama.env
+. hack/llama.env
 LLAMA_CMAKE_ARGS=${CMAKE_ARGS-$LLAMA_CPU_CMAKE_ARGS}
 flags_key=$(printf '%s' "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)
 BIN="$CACHE/bin/llama.cpp-$VERSION-$flags_key"

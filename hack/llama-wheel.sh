@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # LLAMA_CPU_CMAKE_ARGS: equal to Dockerfile.server's builder-cpu flags (a test checks).
-# shellcheck source=versions.env
-. hack/versions.env
+# shellcheck source=llama.env
+. hack/llama.env
 
 VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 CACHE=${LLAMAHERD_CACHE:-$HOME/.cache/llamaherd}

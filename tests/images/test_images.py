@@ -308,7 +308,7 @@ def test_host_wheel_has_the_cpu_image_flags() -> None:
     """hack/llama-wheel.sh compiles the host's wheel with the CPU image's flags, so that the image
     build may install it instead of compiling again, and the benchmark's llama-server gets the
     same; they must not drift apart."""
-    pinned = (REPO / "hack" / "versions.env").read_text()
+    pinned = (REPO / "hack" / "llama.env").read_text()
     flags = re.search(r'^LLAMA_CPU_CMAKE_ARGS="([^"]*)"', pinned, re.MULTILINE)
     script = (REPO / "hack" / "llama-wheel.sh").read_text()
     assert "CMAKE_ARGS=${CMAKE_ARGS-$LLAMA_CPU_CMAKE_ARGS}" in script
