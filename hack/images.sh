@@ -233,13 +233,18 @@ build_server() {
     step "server image $SERVER_IMAGE (CPU variant)"
     local start=$SECONDS
     stage_llama_wheel
+    local status=0
     build -f Dockerfile.server -t "$SERVER_IMAGE" \
         --build-arg VARIANT=cpu \
         --build-arg BUILDER_IMAGE="$BASE_IMAGE" \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
         --build-arg LLAMA_CPP_PYTHON_VERSION="$(llama_cpp_python_version)" \
         --build-arg BUILD_JOBS="$(nproc)" \
-        . || fail "docker build of $SERVER_IMAGE failed (output above)"
+        . || status=$?
+    # Staged for this build only: the builder stage copies the folder, so a wheel left there
+    # would change the CUDA variant's cache key and recompile its kernels.
+    rm -f hack/image-wheels/*.whl
+    [ "$status" = 0 ] || fail "docker build of $SERVER_IMAGE failed (output above)"
     log "$SERVER_IMAGE built in $(seconds_since "$start")s"
 }
 
@@ -249,6 +254,8 @@ build_server_cuda() {
     [ -n "$CUDA_ARCHITECTURES" ] && archs=(--build-arg "CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES")
     log "a cold build compiles llama.cpp's CUDA kernels (about 90 minutes on 2 cores for the" \
         "default architectures); BuildKit's layer cache and ccache make a repeat take seconds"
+    # The builder copies hack/image-wheels/: only its README, so the kernels' layer stays cached.
+    rm -f hack/image-wheels/*.whl
     build -f Dockerfile.server -t "$SERVER_CUDA_IMAGE" \
         --build-arg VARIANT=cuda \
         --build-arg BUILDER_IMAGE="$BASE_IMAGE" \
