@@ -3,7 +3,7 @@ BENCH_ARGS ?=
 
 GPU_OUT ?= /tmp/llamaherd-gpu
 
-.PHONY: bench-deps bench-llama-server bench-prefix bench-gpu bench-gpu-prepare bench-gpu-rehearsal
+.PHONY: profile bench-deps bench-llama-server bench-prefix bench-gpu bench-gpu-prepare bench-gpu-rehearsal
 
 # matplotlib draws the plots; it belongs in pyproject's `bench` extra.
 bench-deps: setup
@@ -29,3 +29,7 @@ bench-gpu: ## GPU benchmark, under 8 min on one GPU: checks, llamaherd vs llama-
 
 bench-gpu-rehearsal: bench-gpu-prepare ## bench-gpu on this machine without a GPU (every path but CUDA) -> $(GPU_OUT)
 	LLAMAHERD_GPU_REHEARSAL=1 bash bench/gpu.sh $(GPU_OUT)
+
+PROFILE_ARGS ?=
+profile: bench-deps ## where the time per generated token goes (engine, loop, gateway, GIL) -> bench/results/profile/ (~3 min)
+	$(PY) bench/profile.py $(PROFILE_ARGS)
