@@ -19,7 +19,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from sse_starlette.sse import EventSourceResponse
 
 from . import __version__
 from .bridge import Generation, ensure_ready, sse, usage
@@ -43,6 +42,7 @@ from .protocol import (
     parse_priority,
 )
 from .settings import ServerSettings
+from .sse import EventStream
 
 log = logging.getLogger("llamaherd.api")
 
@@ -94,7 +94,7 @@ def create_app(
             seed=settings.seed,
             stall_seconds=settings.engine_stall_seconds,
             prefix_cache=settings.prefix_cache,
-            prefix_cache_ram_bytes=settings.prefix_cache_ram_mb << 20,
+            prefix_cache_ram_bytes=settings.host_cache_budget(),
             dispatch=asyncio.get_running_loop().call_soon_threadsafe,
         )
         app.state.engine = engine
@@ -474,7 +474,7 @@ async def generate(request: Request) -> GenerateResponse:
 
 
 @router.post("/v1/completions", response_model=None, responses=stream_or(CompletionResponse))
-async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
+async def completions(request: Request) -> dict[str, Any] | EventStream:
     body = await read_body(request, CompletionRequest)
     settings = settings_of(request)
     engine = ensure_ready(engine_of(request), metrics_of(request))
@@ -509,7 +509,7 @@ async def completions(request: Request) -> dict[str, Any] | EventSourceResponse:
 @router.post(
     "/v1/chat/completions", response_model=None, responses=stream_or(ChatCompletionResponse)
 )
-async def chat_completions(request: Request) -> dict[str, Any] | EventSourceResponse:
+async def chat_completions(request: Request) -> dict[str, Any] | EventStream:
     body = await read_body(request, ChatCompletionRequest)
     settings = settings_of(request)
     engine = ensure_ready(engine_of(request), metrics_of(request))

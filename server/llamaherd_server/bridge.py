@@ -11,10 +11,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from sse_starlette.sse import EventSourceResponse
 from starlette.types import Receive
 
 from .engine import Engine
@@ -39,6 +38,7 @@ from .generation import (
 from .metrics import ServerMetrics
 from .protocol import error_body
 from .queue import QueueFull
+from .sse import DONE, EventStream, frame
 
 request_log = logging.getLogger("llamaherd.requests")
 
@@ -178,25 +178,43 @@ class Generation:
         if self._lost_timer is not None:
             self._lost_timer.cancel()
 
-    async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
-        """Events until Finished or Failed. Leaving early cancels the request."""
+    def _take(self, event: TextChunk | Finished | Failed | Admitted) -> bool:
+        """Account for one event (tokens, the end, the log line); False for one that the
+        caller does not see (admission)."""
+        if isinstance(event, TextChunk):
+            self.generated += event.n_tokens
+        elif isinstance(event, Admitted):
+            return False
+        elif isinstance(event, Finished):
+            self._ended()
+            self.generated = event.completion_tokens
+            self.log("ok", event)
+        else:
+            self._ended()
+            self.generated = max(self.generated, event.completion_tokens)
+            self.log(event.outcome)
+        return True
+
+    async def batches(self) -> AsyncGenerator[list[TextChunk | Finished | Failed], None]:
+        """Events until Finished or Failed, a list at a time: the next event and every one
+        that had already arrived behind it (when the loop fell behind the engine by a step or
+        more, they are written together). Leaving early cancels the request."""
         try:
             while True:
                 event = self._held if self._held is not None else await self.events.get()
                 self._held = None
-                if isinstance(event, TextChunk):
-                    self.generated += event.n_tokens
-                elif isinstance(event, Admitted):
-                    continue
-                elif isinstance(event, Finished):
-                    self._ended()
-                    self.generated = event.completion_tokens
-                    self.log("ok", event)
-                else:
-                    self._ended()
-                    self.generated = max(self.generated, event.completion_tokens)
-                    self.log(event.outcome)
-                yield event
+                batch: list[TextChunk | Finished | Failed] = []
+                while True:
+                    if self._take(event):
+                        batch.append(event)  # type: ignore[arg-type]
+                    if self.done:
+                        break
+                    try:
+                        event = self.events.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                if batch:
+                    yield batch
                 if self.done:
                     return
         finally:
@@ -204,6 +222,16 @@ class Generation:
                 self._ended()
                 self.engine.cancel(self.req)
                 self.log("cancelled")
+
+    async def stream(self) -> AsyncIterator[TextChunk | Finished | Failed]:
+        """Events until Finished or Failed, one at a time. Leaving early cancels the request."""
+        batches = self.batches()
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
 
     async def admitted(self, receive: Receive) -> None:
         """Wait until the engine gives the request a slot (submitted with
@@ -277,6 +305,33 @@ def usage(finish: Finished) -> dict[str, Any]:
     }
 
 
+class TextFrames:
+    """The SSE bytes of a stream's text chunks. The first goes through ``chunk`` (a chat
+    stream's first delta names the role); every later one fills a template cut from the JSON
+    of ``chunk`` once (the same bytes as ``json.dumps`` of the whole chunk, for a fraction of
+    its cost: this runs once per generated token)."""
+
+    SENTINEL = "\x00llamaherd-text\x00"
+
+    def __init__(self, chunk: Callable[[str, str | None], dict[str, Any]]) -> None:
+        self.chunk = chunk
+        self.parts: tuple[bytes, bytes] | None = None
+        self.first = True
+
+    def __call__(self, text: str) -> bytes:
+        if self.parts is not None:
+            head, tail = self.parts
+            return head + json.dumps(text).encode() + tail
+        data = frame(json.dumps(self.chunk(text, None)))
+        if not self.first:  # the chunk's shape is settled: cut the template from it
+            whole = frame(json.dumps(self.chunk(self.SENTINEL, None)))
+            pieces = whole.split(json.dumps(self.SENTINEL).encode())
+            if len(pieces) == 2:
+                self.parts = (pieces[0], pieces[1])
+        self.first = False
+        return data
+
+
 async def sse(
     gen: Generation,
     receive: Receive,
@@ -284,7 +339,7 @@ async def sse(
     rid: str,
     obj: str,
     include_usage: bool,
-) -> EventSourceResponse:
+) -> EventStream:
     """Server-sent events in OpenAI's framing, ending with ``data: [DONE]``, once the engine
     has admitted the request (``gen`` submitted with ``report_admission``).
 
@@ -296,35 +351,44 @@ async def sse(
     ``stream_options.include_usage`` a last chunk with no choices repeats it, as OpenAI does.
     A client that goes away closes the event iterator, which cancels the request.
     """
+    text_frame = TextFrames(chunk)
 
-    async def events() -> AsyncIterator[str]:
+    def finished(pending: str, event: Finished) -> bytes:
+        last = chunk(pending, event.finish_reason)
+        last["usage"] = usage(event)
+        out = frame(json.dumps(last))
+        if include_usage:
+            tail = {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": last["model"],
+                "choices": [],
+                "usage": usage(event),
+            }
+            out += frame(json.dumps(tail))
+        return out
+
+    async def events() -> AsyncIterator[bytes]:
         pending = ""
-        async for event in gen.stream():
-            if isinstance(event, TextChunk):
-                pending += event.text
-                # Only send when there is text: empty deltas would confuse clients.
-                if pending:
-                    yield json.dumps(chunk(pending, None))
-                    pending = ""
-            elif isinstance(event, Finished):
-                last = chunk(pending, event.finish_reason)
-                last["usage"] = usage(event)
-                yield json.dumps(last)
-                if include_usage:
-                    yield json.dumps(
-                        {
-                            "id": rid,
-                            "object": obj,
-                            "created": int(time.time()),
-                            "model": last["model"],
-                            "choices": [],
-                            "usage": usage(event),
-                        }
-                    )
-            else:
-                error = failed_error(event)
-                yield json.dumps(error_body(error.message, type_=error.type, code=error.code))
-        yield "[DONE]"
+        async for batch in gen.batches():
+            out: list[bytes] = []
+            for event in batch:
+                if isinstance(event, TextChunk):
+                    pending += event.text
+                    # Only send when there is text: empty deltas would confuse clients.
+                    if pending:
+                        out.append(text_frame(pending))
+                        pending = ""
+                elif isinstance(event, Finished):
+                    out.append(finished(pending, event))
+                else:
+                    error = failed_error(event)
+                    body = error_body(error.message, type_=error.type, code=error.code)
+                    out.append(frame(json.dumps(body)))
+            if out:
+                yield b"".join(out)
+        yield DONE
 
     await gen.admitted(receive)
-    return EventSourceResponse(events(), ping=15, sep="\n")
+    return EventStream(events(), ping_s=15)
