@@ -210,7 +210,7 @@ class Engine:
         seed: int = -1,
         stall_seconds: float = 120.0,
         prefix_cache: bool = True,
-        prefix_cache_ram_bytes: int = 512 << 20,
+        prefix_cache_ram_bytes: int | Callable[[], int] = 512 << 20,
         dispatch: Callable[[Callable[[], object]], object] | None = None,
     ) -> None:
         self.model_path = model_path  # named in the load error
@@ -262,13 +262,16 @@ class Engine:
             )
         )
         self._fast_sampling = callable(getattr(self.backend, "softmax_sample", None))
+        # A callable sizes the host cache once the model has loaded (settings.host_cache_budget).
+        self._host_budget = prefix_cache_ram_bytes
+        host = prefix_cache_ram_bytes if isinstance(prefix_cache_ram_bytes, int) else 0
         self.kv = KvPool(
             self.backend,
             ids=self.sequences,
             capacity=slots * context_size,
             keep=prefix_cache,
             slots=slots,
-            host_bytes=prefix_cache_ram_bytes if prefix_cache else 0,
+            host_bytes=host if prefix_cache else 0,
             on_evict=metrics.prefix_cache_evictions.inc,
         )
         metrics.slots.set(slots)
@@ -295,6 +298,8 @@ class Engine:
             )
             self.prefix_cache = False
             self.kv.keep = False
+        if self.prefix_cache and callable(self._host_budget):
+            self.kv.host_limit = self._host_budget()
         self.n_vocab = backend.n_vocab
         longest = 1
         controls: dict[str, int] = {}

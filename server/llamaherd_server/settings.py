@@ -7,11 +7,13 @@ exactly these variables from an InferenceService's ``spec.server`` (camelCase of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
+from . import memory
 from .cpus import cpu_budget
 from .shared_settings import ListenHost, LogFormat, LogLevel
 
@@ -56,13 +58,21 @@ class ServerSettings(BaseSettings):
         "cached prefix of each new prompt instead of prefilling it, also among requests that "
         "run at the same time (--no-prefix-cache turns it off).",
     )
-    prefix_cache_ram_mb: int = Field(
-        default=512,
+    prefix_cache_ram_mb: int | None = Field(
+        default=None,
         ge=0,
         le=1_048_576,
-        description="Host memory for cached prefixes moved out of the KV cache (restored by "
-        "copy when a prompt needs them again); 0 keeps them in the KV cache only. Count it "
-        "in the container's memory limit.",
+        description="Host memory in MiB for cached prefixes moved out of the KV cache "
+        "(restored by copy when a prompt needs them again); 0 keeps them in the KV cache only. "
+        "Unset or 'auto': half of what the memory limit leaves once the model has loaded, "
+        "after a working reserve (at most 8192; 512 when no limit is known).",
+    )
+    memory_limit_mb: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_073_741_824,
+        description="The container's memory limit in MiB, which sizes the host prefix cache "
+        "(the operator passes limits.memory). Unset or 0: the cgroup's memory limit.",
     )
     max_wait_ms: float = Field(
         default=5.0,
@@ -138,6 +148,27 @@ class ServerSettings(BaseSettings):
         if value in (0, "0", ""):
             return None
         return value
+
+    @field_validator("prefix_cache_ram_mb", mode="before")
+    @classmethod
+    def _host_cache_auto(cls, value: object) -> object:
+        # "auto" (or an empty variable) means "sized from the memory limit", like unset.
+        if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+            return None
+        return value
+
+    @field_validator("memory_limit_mb", mode="before")
+    @classmethod
+    def _memory_limit_auto(cls, value: object) -> object:
+        # 0 (or an empty variable) means "from the cgroup", like unset.
+        if value in (0, "0", ""):
+            return None
+        return value
+
+    def host_cache_budget(self) -> Callable[[], int]:
+        """The host prefix cache's size in bytes, to be called once the model has loaded
+        (it measures the resident memory then and logs where the size came from)."""
+        return memory.host_cache_budget(self.prefix_cache_ram_mb, self.memory_limit_mb, self.slots)
 
     def resolved_threads(self) -> tuple[int, str]:
         """(threads, where the number came from)."""
