@@ -186,9 +186,9 @@ def server_env(body: Body) -> list[dict[str, Any]]:
         # Without GPUs nothing is set: the server finds no GPU and runs on the CPU (and CPU
         # services' pod templates stay as they were, so upgrading the operator rolls none).
         env.append({"name": server_env_name("gpuLayers"), "value": "-1"})
-    threads = threads_from_resources(spec)
-    if threads is not None:
-        env.append(threads)
+    for from_resources in (threads_from_resources(spec), memory_limit_from_resources(spec)):
+        if from_resources is not None:
+            env.append(from_resources)
     secret = spec.get("apiKeySecretRef")
     if secret:
         env.append(
@@ -217,13 +217,30 @@ def threads_from_resources(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         resource = "requests.cpu"
     else:
         return None
+    return _resource_env("threads", resource, "1")
+
+
+def memory_limit_from_resources(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``LLAMAHERD_MEMORY_LIMIT_MB`` from the server container's memory limit, through the
+    downward API, in MiB (divisor 1Mi), which sizes the server's host prefix cache. Only when
+    ``spec.resources`` names a memory limit (without one, ``limits.memory`` would read as the
+    node's allocatable memory) and the user did not set ``spec.server.memoryLimitMb``; the
+    server then reads its cgroup's limit itself."""
+    if "memoryLimitMb" in spec.get("server", {}):
+        return None
+    if "memory" not in ((spec.get("resources") or {}).get("limits") or {}):
+        return None
+    return _resource_env("memoryLimitMb", "limits.memory", "1Mi")
+
+
+def _resource_env(field: str, resource: str, divisor: str) -> dict[str, Any]:
     return {
-        "name": server_env_name("threads"),
+        "name": server_env_name(field),
         "valueFrom": {
             "resourceFieldRef": {
                 "containerName": names.SERVER_CONTAINER,
                 "resource": resource,
-                "divisor": "1",
+                "divisor": divisor,
             }
         },
     }

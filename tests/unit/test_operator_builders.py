@@ -300,6 +300,44 @@ def test_threads_from_the_cpu_limit_or_request(spec: dict[str, Any], threads: An
     assert env_of({"env": env}).get("LLAMAHERD_THREADS") == threads
 
 
+def _memory_ref() -> dict[str, Any]:
+    return {
+        "resourceFieldRef": {
+            "containerName": "server",
+            "resource": "limits.memory",
+            "divisor": "1Mi",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "limit"),
+    [
+        # No memory limit: limits.memory would read as the node's allocatable memory; the
+        # server reads its cgroup's limit itself. A request alone is no limit.
+        ({}, None),
+        ({"resources": {"limits": {"cpu": "2"}}}, None),
+        ({"resources": {"requests": {"memory": "4Gi"}}}, None),
+        ({"resources": {"limits": {"memory": "8Gi"}}}, _memory_ref()),
+        (
+            {"resources": {"limits": {"memory": "2Gi"}, "requests": {"memory": "1Gi"}}},
+            _memory_ref(),
+        ),
+        # The user's setting wins; an explicit host cache size leaves the limit in place.
+        ({"resources": {"limits": {"memory": "8Gi"}}, "server": {"memoryLimitMb": 6000}}, "6000"),
+        (
+            {"resources": {"limits": {"memory": "8Gi"}}, "server": {"prefixCacheRamMb": 64}},
+            _memory_ref(),
+        ),
+    ],
+)
+def test_memory_limit_from_the_memory_limit(spec: dict[str, Any], limit: Any) -> None:
+    env = server_of(builders.build_deployment(service(spec)))["env"]
+    names_seen = [item["name"] for item in env]
+    assert len(names_seen) == len(set(names_seen))
+    assert env_of({"env": env}).get("LLAMAHERD_MEMORY_LIMIT_MB") == limit
+
+
 def test_env_names_are_unique_even_when_user_repeats_operator_names() -> None:
     body = service({"env": [{"name": "LLAMAHERD_MODEL", "value": "/evil"}]})
     env = server_of(builders.build_deployment(body))["env"]
