@@ -220,6 +220,9 @@ def instrument_server(timers: Timers) -> None:
         dumps = staticmethod(timers.wrap_cpu("loop.json", json.dumps))
 
     bridge.json = TimedJson  # type: ignore[assignment]
+    if hasattr(bridge, "TextFrames"):  # a token's SSE bytes from a template (json inside)
+        frames = bridge.TextFrames
+        frames.__call__ = timers.wrap_cpu("loop.text_frames", frames.__call__)  # type: ignore[method-assign]
     sse.ServerSentEvent.encode = timers.wrap_cpu("loop.sse", sse.ServerSentEvent.encode)  # type: ignore[method-assign]
     _time_http_writes(timers)
 
@@ -344,7 +347,10 @@ def breakdown(server: dict[str, Any], gateway: dict[str, Any] | None, tokens: in
     for kind in ("voluntary", "nonvoluntary"):  # counts: per_token scaled them by 1e6
         engine[f"{kind} switches per token"] = get(f"engine {kind} switches thread cpu", 0.0) / 1e6
     loop_cpu = get("loop thread cpu", 0.0)
-    writes, framing = get("loop.write", 0.0), get("loop.json", 0.0) + get("loop.sse", 0.0)
+    writes = get("loop.write", 0.0)
+    # Framing: the template's cost where there is one (json.dumps of the text inside it), else
+    # json.dumps of each chunk plus sse-starlette's encoding (older servers).
+    framing = get("loop.text_frames") or get("loop.json", 0.0) + get("loop.sse", 0.0)
     loop = {
         "thread cpu": loop_cpu,
         "framing (json, sse)": framing,
