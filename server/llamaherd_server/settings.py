@@ -64,8 +64,8 @@ class ServerSettings(BaseSettings):
         le=1_048_576,
         description="Host memory in MiB for cached prefixes moved out of the KV cache "
         "(restored by copy when a prompt needs them again); 0 keeps them in the KV cache only. "
-        "Unset or 'auto': half of what the memory limit leaves once the model has loaded, "
-        "after a working reserve (at most 8192; 512 when no limit is known).",
+        "Unset or 'auto': three quarters of what the memory limit leaves once the model has "
+        "loaded, after a working reserve (at most 8192; 512 when no limit is known).",
     )
     memory_limit_mb: int | None = Field(
         default=None,
@@ -168,7 +168,13 @@ class ServerSettings(BaseSettings):
     def host_cache_budget(self) -> Callable[[], int]:
         """The host prefix cache's size in bytes, to be called once the model has loaded
         (it measures the resident memory then and logs where the size came from)."""
-        return memory.host_cache_budget(self.prefix_cache_ram_mb, self.memory_limit_mb, self.slots)
+        return memory.host_cache_budget(
+            self.prefix_cache_ram_mb,
+            self.memory_limit_mb,
+            slots=self.slots,
+            context_size=self.context_size,
+            model=self.model,
+        )
 
     def resolved_threads(self) -> tuple[int, str]:
         """(threads, where the number came from)."""

@@ -7,7 +7,13 @@ import logging
 
 import pytest
 
-from llamaherd_server.memory import MIB, host_cache_bytes, process_rss
+from llamaherd_server.memory import (
+    MIB,
+    host_cache_bytes,
+    kv_bytes_per_token,
+    process_rss,
+    working_reserve,
+)
 
 pytestmark = pytest.mark.server
 
@@ -26,11 +32,14 @@ async def test_sized_from_the_memory_limit_after_load(make_client, caplog) -> No
         client = await make_client(memory_limit_mb=limit_mb)
     after = process_rss()
     assert before is not None and after is not None
-    slots = client.app.state.settings.slots
+    settings = client.app.state.settings
+    per_token = kv_bytes_per_token(settings.model)
+    assert per_token == 4 * 4 * (64 + 64) * 2  # the tiny model: 4 layers, 4 KV heads of 64
+    reserve = working_reserve(settings.slots, settings.context_size * per_token)
     size = client.app.state.engine.kv.host_limit
     # Measured after the model and its KV cache were resident, not before.
-    largest = host_cache_bytes(None, limit_mb * MIB, before, slots)
-    smallest = host_cache_bytes(None, limit_mb * MIB, after, slots)
+    largest = host_cache_bytes(None, limit_mb * MIB, before, reserve)
+    smallest = host_cache_bytes(None, limit_mb * MIB, after, reserve)
     assert 0 < smallest <= size <= largest
     assert f"prefix cache host memory: {size // MIB} MiB (from memory limit 4096 MiB" in caplog.text
 

@@ -11,12 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llamaherd_server import memory
+from llamaherd_server.ggufgen import ModelShape, write_model
 from llamaherd_server.memory import (
     DEFAULT_HOST_CACHE_MB,
     HOST_CACHE_CAP,
     MIB,
     host_cache_budget,
     host_cache_bytes,
+    kv_bytes_per_token,
     memory_limit,
     process_rss,
     working_reserve,
@@ -24,74 +26,100 @@ from llamaherd_server.memory import (
 from llamaherd_server.settings import ServerSettings
 
 GIB = 1 << 30
-# RSS right after load, measured (README "Memory"): bench/step_bench's short-step model and the
-# ggufgen "bench" preset, both F16, at the server's default 8 slots x 2048 tokens.
-STEP_RSS = 260 * MIB
-BENCH_RSS = 1278 * MIB
+# Measured at the server's default 8 slots x 2048 tokens (README "Memory"), both F16: RSS right
+# after load, and one sequence's KV (2048 tokens x the KV bytes per token).
+STEP_RSS, STEP_SEQUENCE = 260 * MIB, 2048 * 9216  # bench/step_bench's short-step model
+BENCH_RSS, BENCH_SEQUENCE = 1278 * MIB, 2048 * 49152  # ggufgen's "bench" preset
+STEP_RESERVE = working_reserve(8, STEP_SEQUENCE)  # 64 + 4 x 8 + 2 x 18 MiB
+BENCH_RESERVE = working_reserve(8, BENCH_SEQUENCE)  # 64 + 4 x 8 + 2 x 96 MiB
+
+
+def test_the_measured_models_reserves() -> None:
+    assert (STEP_RESERVE, BENCH_RESERVE) == (132 * MIB, 288 * MIB)
 
 
 @pytest.mark.parametrize(
-    ("explicit", "limit", "rss", "slots", "expected"),
+    ("explicit", "limit", "rss", "reserve", "expected"),
     [
-        (None, None, None, 8, DEFAULT_HOST_CACHE_MB * MIB),
-        (None, None, STEP_RSS, 8, DEFAULT_HOST_CACHE_MB * MIB),
-        (None, 2 * GIB, None, 8, DEFAULT_HOST_CACHE_MB * MIB),
-        # (2048 - 260 - 96) / 2, (8192 - 260 - 96) / 2
-        (None, 2 * GIB, STEP_RSS, 8, 846 * MIB),
-        (None, 8 * GIB, STEP_RSS, 8, 3918 * MIB),
-        # (2048 - 1278 - 96) / 2, (8192 - 1278 - 96) / 2
-        (None, 2 * GIB, BENCH_RSS, 8, 337 * MIB),
-        (None, 8 * GIB, BENCH_RSS, 8, 3409 * MIB),
+        (None, None, None, STEP_RESERVE, DEFAULT_HOST_CACHE_MB * MIB),
+        (None, None, STEP_RSS, STEP_RESERVE, DEFAULT_HOST_CACHE_MB * MIB),
+        (None, 2 * GIB, None, STEP_RESERVE, DEFAULT_HOST_CACHE_MB * MIB),
+        # 0.75 x (2048 - 260 - 132), 0.75 x (8192 - 260 - 132)
+        (None, 2 * GIB, STEP_RSS, STEP_RESERVE, 1242 * MIB),
+        (None, 8 * GIB, STEP_RSS, STEP_RESERVE, 5850 * MIB),
+        # 0.75 x (2048 - 1278 - 288), 0.75 x (8192 - 1278 - 288)
+        (None, 2 * GIB, BENCH_RSS, BENCH_RESERVE, int(361.5 * MIB)),
+        (None, 8 * GIB, BENCH_RSS, BENCH_RESERVE, int(4969.5 * MIB)),
         # Less than the reserve left, or more resident than the limit: no host cache.
-        (None, 1300 * MIB, BENCH_RSS, 8, 0),
-        (None, GIB, BENCH_RSS, 8, 0),
+        (None, 1500 * MIB, BENCH_RSS, BENCH_RESERVE, 0),
+        (None, GIB, BENCH_RSS, BENCH_RESERVE, 0),
         # A big pod: the cap.
-        (None, 64 * GIB, BENCH_RSS, 8, HOST_CACHE_CAP),
+        (None, 64 * GIB, BENCH_RSS, BENCH_RESERVE, HOST_CACHE_CAP),
         # The setting wins over everything, 0 included.
-        (0, 64 * GIB, STEP_RSS, 8, 0),
-        (100, GIB, BENCH_RSS, 8, 100 * MIB),
-        (4096, None, None, 8, 4096 * MIB),
+        (0, 64 * GIB, STEP_RSS, STEP_RESERVE, 0),
+        (100, GIB, BENCH_RSS, BENCH_RESERVE, 100 * MIB),
+        (4096, None, None, 0, 4096 * MIB),
     ],
 )
 def test_host_cache_bytes(
-    explicit: int | None, limit: int | None, rss: int | None, slots: int, expected: int
+    explicit: int | None, limit: int | None, rss: int | None, reserve: int, expected: int
 ) -> None:
-    assert host_cache_bytes(explicit, limit, rss, slots) == expected
+    assert host_cache_bytes(explicit, limit, rss, reserve) == expected
 
 
 sizes = st.integers(min_value=0, max_value=1 << 44)
+slot_counts = st.integers(min_value=1, max_value=256)
 
 
-@given(limit=sizes, rss=sizes, slots=st.integers(min_value=1, max_value=256))
-def test_sized_cache_fits_beside_what_is_resident(limit: int, rss: int, slots: int) -> None:
-    size = host_cache_bytes(None, limit, rss, slots)
+@given(limit=sizes, rss=sizes, slots=slot_counts, sequence=sizes)
+def test_sized_cache_fits_beside_what_is_resident(
+    limit: int, rss: int, slots: int, sequence: int
+) -> None:
+    reserve = working_reserve(slots, sequence)
+    size = host_cache_bytes(None, limit, rss, reserve)
     assert 0 <= size <= min(limit, HOST_CACHE_CAP)
     if size > 0:
-        # Twice the cache (itself, and the half kept for its copies) fits beside the
-        # resident memory and the working reserve.
-        assert rss + working_reserve(slots) + 2 * size <= limit
+        # The cache, full, while one sequence is copied into it twice, beside the resident
+        # memory and the working set, still leaves a quarter of the rest free.
+        assert rss + reserve + size <= limit
+        assert size <= 0.75 * (limit - rss - reserve)
 
 
-@given(limit=sizes, more=sizes, rss=sizes, slots=st.integers(min_value=1, max_value=256))
-def test_more_memory_never_shrinks_the_cache(limit: int, more: int, rss: int, slots: int) -> None:
-    assert host_cache_bytes(None, limit + more, rss, slots) >= host_cache_bytes(
-        None, limit, rss, slots
-    )
-    assert host_cache_bytes(None, limit, rss + more, slots) <= host_cache_bytes(
-        None, limit, rss, slots
-    )
+@given(limit=sizes, more=sizes, rss=sizes, reserve=sizes)
+def test_more_memory_never_shrinks_the_cache(limit: int, more: int, rss: int, reserve: int) -> None:
+    cache = host_cache_bytes(None, limit, rss, reserve)
+    assert host_cache_bytes(None, limit + more, rss, reserve) >= cache
+    assert host_cache_bytes(None, limit, rss + more, reserve) <= cache
+    assert host_cache_bytes(None, limit, rss, reserve + more) <= cache
 
 
 @given(
     explicit=st.integers(min_value=0, max_value=1_048_576),
     limit=st.none() | sizes,
     rss=st.none() | sizes,
-    slots=st.integers(min_value=1, max_value=256),
+    reserve=sizes,
 )
 def test_an_explicit_value_always_wins(
-    explicit: int, limit: int | None, rss: int | None, slots: int
+    explicit: int, limit: int | None, rss: int | None, reserve: int
 ) -> None:
-    assert host_cache_bytes(explicit, limit, rss, slots) == explicit * MIB
+    assert host_cache_bytes(explicit, limit, rss, reserve) == explicit * MIB
+
+
+def test_kv_bytes_per_token_from_the_gguf_metadata(tmp_path: Path) -> None:
+    # n_layer x n_head_kv x (key + value length) x 2 bytes; what llama.cpp's own log line says
+    # for these shapes: 144 MiB and 768 MiB of KV for 16384 cells.
+    step = tmp_path / "step.gguf"
+    write_model(step, ModelShape(n_embd=384, n_layer=6, n_head=6, n_head_kv=6, vocab=1024))
+    assert kv_bytes_per_token(step) == 6 * 6 * (64 + 64) * 2 == 9216
+    gqa = tmp_path / "gqa.gguf"
+    write_model(gqa, ModelShape(n_embd=256, n_layer=3, n_head=8, n_head_kv=2, vocab=1024))
+    assert kv_bytes_per_token(gqa) == 3 * 2 * (32 + 32) * 2
+    assert kv_bytes_per_token(tmp_path / "missing.gguf") is None
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(step.read_bytes()[:200])
+    assert kv_bytes_per_token(broken) is None
+    broken.write_bytes(b"not a model")
+    assert kv_bytes_per_token(broken) is None
 
 
 def test_process_rss(tmp_path: Path) -> None:
@@ -132,12 +160,18 @@ def test_the_budget_logs_its_size_and_source(
 ) -> None:
     if cgroup is not None:
         (tmp_path / "memory.max").write_text(cgroup + "\n")
-    budget = host_cache_budget(explicit, limit_mb, slots=8, root=tmp_path)
+    model = tmp_path / "m.gguf"
+    write_model(model, ModelShape(n_embd=128, n_layer=2, n_head=2, n_head_kv=2, vocab=1024))
+    budget = host_cache_budget(
+        explicit, limit_mb, slots=8, context_size=1024, model=model, root=tmp_path
+    )
     with caplog.at_level(logging.INFO, logger=memory.log.name):
         size = budget()
     (line,) = [r.getMessage() for r in caplog.records if "prefix cache host memory" in r.message]
     assert line.startswith("prefix cache host memory: " + logged), line
     assert f"{size // MIB} MiB" in line
+    if limit_mb == 1:  # 2 x 1024 tokens x 2 layers x 2 heads x (64 + 64) x 2 bytes
+        assert "2 x 1 MiB for one sequence's KV" in line, line
 
 
 def test_settings_auto_and_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
