@@ -122,7 +122,8 @@ def test_the_pool_agrees_with_the_cells(ops: list[tuple[str, int]], keep: bool, 
 
 def test_an_evicted_prompt_comes_back_from_host_memory() -> None:
     kv = SimulatedKv()
-    pool = KvPool(kv, ids=3, capacity=100, keep=True, floor=0, host_bytes=1000)
+    # Host memory ten times the prompt's copy: at a hit share of 0 it earns a tenth of it.
+    pool = KvPool(kv, ids=3, capacity=100, keep=True, floor=0, host_bytes=2000)
     pool.hit_share = 0.0  # budget 0: every finished prompt leaves the KV at once
     first = pool.acquire()
     assert first is not None
@@ -197,3 +198,28 @@ def test_a_cache_that_serves_nothing_shrinks_to_what_it_earns() -> None:
     for _ in range(60):
         pool.admitted(again, 30)
     assert pool.budget() > 900
+
+
+def saved_prompts(pool: KvPool, kv: SimulatedKv, share: float, n: int) -> int:
+    """Finish ``n`` distinct 40-token prompts at a fixed hit share; the host bytes held."""
+    for i in range(n):
+        pool.hit_share = share
+        entry = pool.acquire()
+        assert entry is not None
+        kv.decode(entry.seq_id, 0, 40)
+        entry.commit([1000 * (i + 1) + t for t in range(40)])
+        pool.release(entry)
+        assert pool.host_bytes <= pool.host_budget() <= pool.host_limit
+    return pool.host_bytes
+
+
+@given(share=st.floats(0.0, 1.0))
+def test_host_memory_is_earned_by_the_hit_share(share: float) -> None:
+    kv = SimulatedKv()
+    limit = 20_000  # about 180 saved prompts of 40 tokens
+    pool = KvPool(kv, ids=3, capacity=100, keep=True, floor=0, host_bytes=limit)
+    held = saved_prompts(pool, kv, share, 200)
+    earned = limit * max(kvcache.HOST_MIN_SHARE, share)
+    assert held <= earned
+    # It fills what it earned, short of one copy's bytes (about 110).
+    assert held >= earned - 120
