@@ -167,6 +167,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--no-prefix-cache", dest="prefix_cache", action="store_false",
+        help="the engine without its prefix cache: cached cells stay out of the KV, as in "
+        "batched-bench, whose KV is empty at each batch size",
+    )  # fmt: skip
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     return args
@@ -260,7 +265,7 @@ def main() -> None:
     log(f"engine from {source['path']} ({source['commit']}), model {model.name}")
     engine = engine_bench.load_engine(
         model, SLOTS, threads=args.threads, context_size=CONTEXT, token_budget=BATCH,
-        max_wait_ms=0,
+        max_wait_ms=0, **({} if args.prefix_cache else {"prefix_cache": False}),
     )  # fmt: skip
     try:
         runs = measure(engine, argv, batches, args.repeats)
