@@ -31,5 +31,5 @@ bench-gpu-rehearsal: bench-gpu-prepare ## bench-gpu on this machine without a GP
 	LLAMAHERD_GPU_REHEARSAL=1 bash bench/gpu.sh $(GPU_OUT)
 
 PROFILE_ARGS ?=
-profile: bench-deps ## where the time per generated token goes (engine, loop, gateway, GIL) -> bench/results/profile/ (~3 min)
+profile: bench-deps ## where the time per generated token goes (engine, loop, gateway, GIL) -> bench/results/profile/ (~1 min)
 	$(PY) bench/profile.py $(PROFILE_ARGS)

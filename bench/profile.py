@@ -480,7 +480,7 @@ def main() -> None:
         return
     args = parse_args()
     model = args.model or step_bench.ensure_model()
-    logdir = args.out / "logs"
+    logdir = common.CACHE / "logs" / "profile"  # the servers' logs, not committed
     logdir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with processes(args, model, logdir) as procs:
