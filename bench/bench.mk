@@ -32,4 +32,4 @@ bench-gpu-rehearsal: bench-gpu-prepare ## bench-gpu on this machine without a GP
 
 PROFILE_ARGS ?=
 profile: bench-deps ## where the time per generated token goes (engine, loop, gateway, GIL) -> bench/results/profile/ (~1 min)
-	$(PY) bench/profile.py $(PROFILE_ARGS)
+	$(PY) bench/token_profile.py $(PROFILE_ARGS)

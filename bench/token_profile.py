@@ -393,7 +393,7 @@ async def one_point(
 
 async def measure(args: argparse.Namespace, procs: list[Profiled]) -> list[dict[str, Any]]:
     server, gateway = procs
-    workload = loadgen.Workload(prompt_tokens=32, max_tokens=64, vocab=8192)
+    workload = loadgen.Workload(prompt_tokens=32, max_tokens=64, vocab=args.vocab)
     for target in (server, gateway):  # warm both paths
         await one_point(target.server.base, workload, 4, 8, 0)
     points: list[dict[str, Any]] = []
@@ -433,7 +433,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Where the time per generated token goes (short-step model)",
         "",
-        f"`make profile`; method in `bench/profile.py`. Run {result['started']}, git "
+        f"`make profile`; method in `bench/token_profile.py`. Run {result['started']}, git "
         f"{result['git']}, {machine(result['machine'])}. Microseconds per generated token; streams "
         "through the server directly (engine and loop) and through the gateway (gateway).",
         "",
@@ -466,6 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=48, help="requests per point (at least)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path, help="a GGUF (default: step_bench's model)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size of --model")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--server-args", default="", help="more server flags, space-separated")
     args = parser.parse_args(argv)
