@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .cpus import CGROUP_ROOT, cgroup_memory_limit
+from .loadfail import GGUF_MAGIC
 
 log = logging.getLogger("llamaherd.server")
 
@@ -147,7 +148,7 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     skipped, not read: the gguf package's reader parses all of them, 1 s and 86 MiB for a
     32k vocabulary). Raises OSError or ValueError on a file it cannot read."""
     with path.open("rb", buffering=1 << 16) as f:
-        if f.read(4) != b"GGUF" or _unpack(f, _U32) not in (2, 3):
+        if f.read(4) != GGUF_MAGIC or _unpack(f, _U32) not in (2, 3):
             raise ValueError("not a GGUF v2/v3 file")
         _unpack(f, _U64)  # tensor count
         count = int(_unpack(f, _U64))
