@@ -111,6 +111,7 @@ def serve(args: argparse.Namespace) -> None:
     from llamaherd_gateway.proxy import Gateway, upstream_session
     from llamaherd_gateway.registry import Registry
     from llamaherd_gateway.settings import GatewaySettings
+    from llamaherd_server.http_protocols import http_protocol
 
     settings = GatewaySettings(**json.loads(args.settings))
     registry = Registry()
@@ -140,6 +141,7 @@ def serve(args: argparse.Namespace) -> None:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            http=http_protocol(),
         )
         await uvicorn.Server(config).serve()
         await gateway.close()

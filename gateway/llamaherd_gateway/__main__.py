@@ -15,6 +15,7 @@ import uvicorn
 from llamaherd_gateway.app import run, running_gateway
 from llamaherd_gateway.proxy import UrlFor
 from llamaherd_gateway.settings import GatewaySettings
+from llamaherd_server.http_protocols import http_protocol
 from llamaherd_server.logs import configure_logging
 from llamaherd_server.shared_settings import settings_from_cli
 
@@ -34,6 +35,7 @@ async def serve(settings: GatewaySettings, url_for: UrlFor | None = None) -> Non
             access_log=False,
             lifespan="off",
             timeout_keep_alive=75,
+            http=http_protocol(),
         )
         server = uvicorn.Server(config)
         log.info(

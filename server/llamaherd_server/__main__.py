@@ -23,6 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from .api import create_app
+from .http_protocols import http_protocol
 from .loadfail import (
     ModelLoadError,
     check_model_file,
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=log_config,
         timeout_graceful_shutdown=5,
         access_log=False,
+        http=http_protocol(),
     )
     shutdown = Shutdown(uvicorn.Server(config), settings.drain_timeout_seconds)
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
