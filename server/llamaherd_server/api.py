@@ -390,6 +390,22 @@ def envelope(
     }
 
 
+def chat_chunks(model_name: str, rid: str) -> Callable[[str, str | None], dict[str, Any]]:
+    """A chat stream's chunks, one call each: the first delta names the role, and a chunk
+    that only finishes carries an empty delta."""
+    first = True
+
+    def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        nonlocal first
+        delta: dict[str, Any] = {"content": text} if text or finish is None else {}
+        if first:
+            delta["role"] = "assistant"
+            first = False
+        return envelope(model_name, rid, "chat.completion.chunk", {"delta": delta}, finish)
+
+    return chunk
+
+
 # ---- routes ---------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -525,16 +541,7 @@ async def chat_completions(request: Request) -> dict[str, Any] | EventStream:
     model_name = settings.served_model_name
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = True
-
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            nonlocal first
-            delta: dict[str, Any] = {"content": text} if text or finish is None else {}
-            if first:
-                delta["role"] = "assistant"
-                first = False
-            return envelope(model_name, rid, "chat.completion.chunk", {"delta": delta}, finish)
-
+        chunk = chat_chunks(model_name, rid)
         return await sse(gen, request.receive, chunk, rid, "chat.completion.chunk", include_usage)
     answer, finish = await gen.collect(request.receive)
     message = {"message": {"role": "assistant", "content": answer}}

@@ -38,7 +38,7 @@ from .generation import (
 from .metrics import ServerMetrics
 from .protocol import error_body
 from .queue import QueueFull
-from .sse import DONE, EventStream, frame
+from .sse import DONE, EventStream, frame, wait_disconnect
 
 request_log = logging.getLogger("llamaherd.requests")
 
@@ -257,13 +257,8 @@ class Generation:
     async def _unless_disconnected(self, work: Awaitable[T], receive: Receive) -> T:
         """``work``'s result, or a 499 (the request cancelled) if the client goes away first
         (``receive`` is the request's ASGI receive, watched for ``http.disconnect``)."""
-
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         task = asyncio.ensure_future(work)
-        watch = asyncio.ensure_future(disconnected())
+        watch = asyncio.ensure_future(wait_disconnect(receive))
         try:
             await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:

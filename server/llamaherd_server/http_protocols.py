@@ -23,18 +23,20 @@ MESSAGE = (
 )
 
 
-def error_bytes() -> bytes:
-    return json.dumps(error_body(MESSAGE, code="invalid_http_request")).encode()
+def error_response() -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The 400's headers (beside uvicorn's defaults) and its JSON body."""
+    body = json.dumps(error_body(MESSAGE, code="invalid_http_request")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return headers, body
 
 
 class H11OpenAIErrors(H11Protocol):
     def send_400_response(self, msg: str) -> None:
-        body = error_bytes()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
+        headers, body = error_response()
         for event in (
             h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
             h11.Data(data=body),
@@ -44,34 +46,23 @@ class H11OpenAIErrors(H11Protocol):
         self.transport.close()
 
 
+HTTPTOOLS_PROTOCOL: type[Any] | None
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # no httptools: h11 only
-    HttpToolsProtocol = None  # type: ignore[misc, assignment]
+    HTTPTOOLS_PROTOCOL = None
+else:
 
-
-def _httptools_protocol() -> type[Any] | None:
-    if HttpToolsProtocol is None:
-        return None
-
-    class HttpToolsOpenAIErrors(HttpToolsProtocol):  # type: ignore[misc, valid-type]
+    class HttpToolsOpenAIErrors(HttpToolsProtocol):
         def send_400_response(self, msg: str) -> None:
-            body = error_bytes()
+            headers, body = error_response()
             head = [b"HTTP/1.1 400 Bad Request\r\n"]
-            for name, value in self.server_state.default_headers:
+            for name, value in [*self.server_state.default_headers, *headers]:
                 head += [name, b": ", value, b"\r\n"]
-            head += [
-                b"content-type: application/json\r\n",
-                b"content-length: " + str(len(body)).encode() + b"\r\n",
-                b"connection: close\r\n\r\n",
-            ]
-            self.transport.write(b"".join(head) + body)
+            self.transport.write(b"".join([*head, b"\r\n", body]))
             self.transport.close()
 
-    return HttpToolsOpenAIErrors
-
-
-HTTPTOOLS_PROTOCOL = _httptools_protocol()
+    HTTPTOOLS_PROTOCOL = HttpToolsOpenAIErrors
 
 
 def http_protocol() -> type[Any]:

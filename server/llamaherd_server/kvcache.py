@@ -342,7 +342,7 @@ class KvPool:
 
     def host_budget(self) -> int:
         """Bytes of host memory that saved prompts may hold now (at most ``host_limit``)."""
-        return int(self.host_limit * max(HOST_MIN_SHARE, min(1.0, self.hit_share)))
+        return int(self.host_limit * max(HOST_MIN_SHARE, self.hit_share))
 
     def _save(self, entry: KvEntry) -> bool:
         """Copy an evicted entry's KV to host memory; False when it cannot go there."""

@@ -141,10 +141,11 @@ class ServerSettings(BaseSettings):
         "(the container's terminationMessagePath); a missing or read-only folder is ignored.",
     )
 
-    @field_validator("threads", mode="before")
+    @field_validator("threads", "memory_limit_mb", mode="before")
     @classmethod
-    def _threads_auto(cls, value: object) -> object:
-        # 0 (or an empty variable) means "from the CPU budget", like unset.
+    def _zero_is_auto(cls, value: object) -> object:
+        # 0 (or an empty variable) means unset: threads from the CPU budget, the memory
+        # limit from the cgroup.
         if value in (0, "0", ""):
             return None
         return value
@@ -154,14 +155,6 @@ class ServerSettings(BaseSettings):
     def _host_cache_auto(cls, value: object) -> object:
         # "auto" (or an empty variable) means "sized from the memory limit", like unset.
         if isinstance(value, str) and value.strip().lower() in ("", "auto"):
-            return None
-        return value
-
-    @field_validator("memory_limit_mb", mode="before")
-    @classmethod
-    def _memory_limit_auto(cls, value: object) -> object:
-        # 0 (or an empty variable) means "from the cgroup", like unset.
-        if value in (0, "0", ""):
             return None
         return value
 

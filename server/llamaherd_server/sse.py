@@ -45,12 +45,13 @@ class EventStream(Response):
         self.events = events
         self.ping_s = ping_s
         self.last_write = 0.0
+        self.ended = False  # the last message is going out: no ping may follow it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         self.last_write = asyncio.get_running_loop().time()
         writer = asyncio.ensure_future(self._write(send))
-        watch = asyncio.ensure_future(_disconnected(receive))
+        watch = asyncio.ensure_future(wait_disconnect(receive))
         others = [watch, asyncio.ensure_future(self._ping(send))]
         try:
             await asyncio.wait({writer, *others}, return_when=asyncio.FIRST_COMPLETED)
@@ -72,6 +73,7 @@ class EventStream(Response):
         async for body in self.events:
             await send({"type": "http.response.body", "body": body, "more_body": True})
             self.last_write = loop.time()
+        self.ended = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _ping(self, send: Send) -> None:
@@ -80,11 +82,14 @@ class EventStream(Response):
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.0, self.last_write + self.ping_s - loop.time()))
+            if self.ended:
+                return
             if loop.time() - self.last_write >= self.ping_s:
                 await send({"type": "http.response.body", "body": PING, "more_body": True})
                 self.last_write = loop.time()
 
 
-async def _disconnected(receive: Receive) -> None:
+async def wait_disconnect(receive: Receive) -> None:
+    """Returns when the client has gone away (``http.disconnect`` on the ASGI receive)."""
     while (await receive())["type"] != "http.disconnect":
         pass

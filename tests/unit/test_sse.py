@@ -10,6 +10,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llamaherd_server.api import chat_chunks
 from llamaherd_server.bridge import TextFrames
 from llamaherd_server.sse import DONE, PING, EventStream, frame
 
@@ -24,20 +25,6 @@ def completion_chunk(text: str, finish: str | None) -> dict[str, Any]:
     }
 
 
-def chat_chunker() -> Any:
-    first = True
-
-    def chunk(text: str, finish: str | None) -> dict[str, Any]:
-        nonlocal first
-        delta: dict[str, Any] = {"content": text} if text or finish is None else {}
-        if first:
-            delta["role"] = "assistant"
-            first = False
-        return {"id": "c", "object": "chat.completion.chunk", "choices": [{"delta": delta}]}
-
-    return chunk
-
-
 @given(st.lists(st.text(), min_size=1, max_size=6))
 def test_text_frames_are_the_bytes_of_the_whole_chunk(texts: list[str]) -> None:
     frames = TextFrames(completion_chunk)
@@ -47,7 +34,7 @@ def test_text_frames_are_the_bytes_of_the_whole_chunk(texts: list[str]) -> None:
 
 @given(st.lists(st.text(), min_size=2, max_size=6))
 def test_chat_frames_name_the_role_once(texts: list[str]) -> None:
-    frames = TextFrames(chat_chunker())
+    frames = TextFrames(chat_chunks("m", "chatcmpl-1"))
     got = [json.loads(f.removeprefix(b"data: ")) for f in map(frames, texts)]
     assert got[0]["choices"][0]["delta"] == {"content": texts[0], "role": "assistant"}
     for text, chunk in zip(texts[1:], got[1:], strict=True):
